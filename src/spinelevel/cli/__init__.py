@@ -20,12 +20,12 @@ def _register() -> None:
     # Each command module adds itself to `app` when imported.
     from spinelevel.cli import card as _card  # noqa: F401
     from spinelevel.cli import run as _run  # noqa: F401
-    # phantom: registered below when spinelevel.cli.phantom exists
-    try:
-        from spinelevel.cli import phantom as _phantom  # noqa: F401
-    except ModuleNotFoundError as exc:  # pragma: no cover - only while phantom is absent
-        if exc.name != "spinelevel.cli.phantom":
-            raise
+    import importlib
+    import importlib.util
+
+    # phantom arrives with its own module; until then the command is simply absent.
+    if importlib.util.find_spec("spinelevel.cli.phantom") is not None:
+        importlib.import_module("spinelevel.cli.phantom")
 
 
 _register()

@@ -1,0 +1,104 @@
+"""`spinelevel run`: classify every axial CT series of DICOM folders and archives."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from spinelevel.cli import app
+from spinelevel.cli._common import fail_cleanly, setup_logging, stderr
+
+
+class _RichProgress:
+    """Rich progress bar: files scanned, then series done and slices/s."""
+
+    def __init__(self, enabled: bool) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.enabled = enabled
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=stderr,
+            disable=not enabled,
+            transient=False,
+        )
+        self.scan_task = None
+        self.series_task = None
+        self.slices = 0
+        self.started = 0.0
+
+    def __enter__(self) -> _RichProgress:
+        self.progress.__enter__()
+        self.scan_task = self.progress.add_task("scanning files", total=None, rate="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def scanned(self, files: int) -> None:
+        self.progress.update(self.scan_task, completed=files, rate=f"{files} files")
+
+    def planned(self, series: int, slices: int) -> None:
+        import time
+
+        self.progress.update(self.scan_task, total=self.progress.tasks[0].completed or 1, completed=self.progress.tasks[0].completed or 1)
+        self.series_task = self.progress.add_task("series", total=series, rate=f"0 of {slices} slices")
+        self.total_slices = slices
+        self.started = time.perf_counter()
+
+    def advanced(self, series: int, slices: int) -> None:
+        import time
+
+        self.slices += slices
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        self.progress.update(self.series_task, advance=series, rate=f"{self.slices}/{self.total_slices} slices, {self.slices / elapsed:.1f} slices/s")
+
+
+@app.command("run")
+def run(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM folders, .zip, .tar, .tar.gz/.tgz archives or single files, in any mix.", show_default=False)],
+    model: Annotated[Path, typer.Option("--model", "-m", help="ONNX model with a spinelevel card.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (slices/, series/, skipped/ Parquet datasets and run.json).")],
+    backend: Annotated[str | None, typer.Option("--backend", help="Inference backend: onnxruntime (default).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Slices per inference call.")] = 16,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Inference threads (default: the runtime's choice, all cores).")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=0, help="Decode/preprocess worker processes (default: number of cores; 0 decodes in the main process).")] = None,
+    min_slices: Annotated[int, typer.Option("--min-slices", min=1, help="Skip series with fewer slices.")] = 10,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the results of an earlier run in --out.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Find the vertebral level of every slice and the L3 slice of every axial CT series."""
+    from spinelevel.engine.pipeline import RunOptions
+    from spinelevel.engine.pipeline import run as run_pipeline
+    from spinelevel.engine.select import SelectOptions
+
+    setup_logging(verbose)
+    options = RunOptions(
+        backend=backend,
+        batch_size=batch_size,
+        threads=threads,
+        workers=(os.cpu_count() or 1) if workers is None else workers,
+        overwrite=overwrite,
+        select=SelectOptions(min_slices=min_slices),
+    )
+    show = not quiet and stderr.is_terminal
+    with fail_cleanly(), _RichProgress(show) as progress:
+        summary = run_pipeline(paths, model, out, options, progress)
+    if not quiet:
+        total = summary.series_ok + summary.series_skipped + summary.series_error
+        stderr.print(
+            f"{total} series: {summary.series_ok} processed, {summary.series_skipped} skipped, "
+            f"{summary.series_error} failed; {summary.slices} slices in {summary.seconds:.1f} s "
+            f"({summary.slices_per_s:.1f} slices/s); {summary.skipped_files} files skipped; results in {summary.out}"
+        )
+    sys.stdout.flush()

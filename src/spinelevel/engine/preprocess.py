@@ -1,0 +1,114 @@
+"""Preprocess: Hounsfield units to the model's input tensor, as the model card says.
+
+The card math (DESIGN.md 3.1), in this order:
+
+1. one channel per HU window: ``clip((HU - (center - width / 2)) / width, 0, 1) * scale``;
+2. bilinear resize to ``input_size`` with half-pixel centres and no antialiasing (the convention of
+   OpenCV ``INTER_LINEAR``, PyTorch ``interpolate(mode="bilinear", align_corners=False)`` and DALI
+   ``resize(interp_type=LINEAR, antialias=False)``), edge pixels replicated;
+3. ``(x - mean) / std`` per channel; NCHW float32.
+
+This is the one CPU implementation: the engine, training and the parity tests of other
+implementations (DALI, torch) all call it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from spinelevel.card import ModelCard
+
+__all__ = ["PreprocessSpec", "window_channels", "resize_bilinear", "preprocess_slice", "preprocess_batch"]
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """The part of a model card that preprocessing needs (small, picklable for worker processes)."""
+
+    # (center, width) in HU per channel.
+    windows: tuple[tuple[float, float], ...]
+    # Output (height, width).
+    input_size: tuple[int, int]
+    # Multiplier after windowing.
+    scale: float = 1.0
+    # Per-channel mean and std of the normalisation.
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+
+    @classmethod
+    def from_card(cls, card: ModelCard) -> PreprocessSpec:
+        """Take the preprocessing fields of a card."""
+        return cls(
+            windows=tuple((float(c), float(w)) for c, w in card.windows),
+            input_size=(int(card.input_size[0]), int(card.input_size[1])),
+            scale=float(card.scale),
+            mean=tuple(float(v) for v in card.mean),
+            std=tuple(float(v) for v in card.std),
+        )
+
+
+def window_channels(hu: np.ndarray, windows: tuple[tuple[float, float], ...], scale: float = 1.0) -> np.ndarray:
+    """(H, W) HU -> (C, H, W) float32, one clipped [0, scale] channel per (center, width)."""
+    hu = np.asarray(hu, dtype=np.float32)
+    out = np.empty((len(windows),) + hu.shape, dtype=np.float32)
+    for i, (center, width) in enumerate(windows):
+        low = np.float32(center - width / 2.0)
+        np.subtract(hu, low, out=out[i])
+        out[i] *= np.float32(1.0 / width)
+        np.clip(out[i], 0.0, 1.0, out=out[i])
+        if scale != 1.0:
+            out[i] *= np.float32(scale)
+    return out
+
+
+def _axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices (i0, i1) and weight of i1 for half-pixel-centre linear interpolation."""
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    src = np.clip(src, 0.0, n_in - 1)
+    i0 = np.floor(src).astype(np.intp)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w1 = (src - i0).astype(np.float32)
+    return i0, i1, w1
+
+
+def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize the last two axes of ``x`` to ``size`` (height, width) bilinearly, float32.
+
+    Half-pixel centres, no antialiasing, edges replicated. Returns ``x`` itself (as float32) when
+    the size already matches.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    h_out, w_out = int(size[0]), int(size[1])
+    h_in, w_in = x.shape[-2], x.shape[-1]
+    if (h_in, w_in) == (h_out, w_out):
+        return x
+    y0, y1, wy = _axis_weights(h_in, h_out)
+    x0, x1, wx = _axis_weights(w_in, w_out)
+    top = x[..., y0, :]
+    rows = top + (x[..., y1, :] - top) * wy[:, None]
+    left = rows[..., x0]
+    return left + (rows[..., x1] - left) * wx
+
+
+def preprocess_slice(hu: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """(H, W) HU -> (C, h, w) float32 model input for one slice."""
+    x = resize_bilinear(window_channels(hu, spec.windows, spec.scale), spec.input_size)
+    if not x.flags.writeable or x.base is not None:
+        x = np.array(x, dtype=np.float32)
+    for i, (m, s) in enumerate(zip(spec.mean, spec.std)):
+        if m != 0.0 or s != 1.0:
+            x[i] -= np.float32(m)
+            x[i] *= np.float32(1.0 / s)
+    return x
+
+
+def preprocess_batch(slices: list[np.ndarray], spec: PreprocessSpec) -> np.ndarray:
+    """A list of (H, W) HU slices (sizes may differ) -> (N, C, h, w) float32."""
+    out = np.empty((len(slices), len(spec.windows)) + tuple(spec.input_size), dtype=np.float32)
+    for i, hu in enumerate(slices):
+        out[i] = preprocess_slice(hu, spec)
+    return out

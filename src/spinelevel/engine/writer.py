@@ -1,0 +1,261 @@
+"""Write: Parquet part files for slices, series and skipped files, and the run manifest.
+
+Every part is written under a temporary dot-name, flushed to disk and renamed into place, so a reader
+(or a later run) never sees half a file; dot-names are ignored by Parquet dataset readers. Part names
+carry the run id, so parts of different runs never collide.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from spinelevel.errors import OutputError
+from spinelevel.levels import SeriesLevels
+
+__all__ = [
+    "SeriesResult",
+    "RunWriter",
+    "slices_schema",
+    "SERIES_SCHEMA",
+    "SKIPPED_SCHEMA",
+    "DATASETS",
+    "write_json_atomic",
+]
+
+log = logging.getLogger(__name__)
+
+# The three datasets of an output directory.
+DATASETS = ("slices", "series", "skipped")
+
+SERIES_SCHEMA = pa.schema(
+    [
+        ("study_uid", pa.string()),
+        ("series_uid", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("n_slices", pa.int32()),
+        ("slice_thickness_mm", pa.float64()),
+        ("l3_index", pa.int32()),
+        ("l3_sop_uid", pa.string()),
+        ("l3_z_mm", pa.float64()),
+        ("l3_first_index", pa.int32()),
+        ("l3_last_index", pa.int32()),
+        ("levels_present", pa.list_(pa.string())),
+        ("flags", pa.list_(pa.string())),
+        ("n_evaluated", pa.int32()),
+        ("model_sha256", pa.string()),
+        ("backend", pa.string()),
+    ]
+)
+
+SKIPPED_SCHEMA = pa.schema([("source", pa.string()), ("reason", pa.string())])
+
+
+def slices_schema(classes: tuple[str, ...]) -> pa.Schema:
+    """Schema of DIR/slices: one p_<class> column per card class."""
+    fields = [
+        ("study_uid", pa.string()),
+        ("series_uid", pa.string()),
+        ("sop_uid", pa.string()),
+        ("source", pa.string()),
+        ("slice_index", pa.int32()),
+        ("z_mm", pa.float64()),
+        ("level", pa.string()),
+        ("level_argmax", pa.string()),
+    ]
+    fields += [(f"p_{c}", pa.float32()) for c in classes]
+    fields.append(("evaluated", pa.bool_()))
+    return pa.schema(fields)
+
+
+@dataclass(frozen=True)
+class SeriesResult:
+    """A classified series, ready to write."""
+
+    study_uid: str
+    series_uid: str
+    # Per slice, index 0 = most superior.
+    sop_uids: tuple[str, ...]
+    sources: tuple[str, ...]
+    z_mm: np.ndarray
+    # (n, classes) float32 probabilities; NaN rows where the model did not run.
+    probs: np.ndarray
+    evaluated: np.ndarray
+    levels: SeriesLevels
+    slice_thickness_mm: float | None
+    # Selection and decoding findings plus the sequence-decoding flags.
+    flags: tuple[str, ...]
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class _Buffer:
+    schema: pa.Schema
+    columns: dict[str, list] = field(default_factory=dict)
+    rows: int = 0
+
+    def __post_init__(self) -> None:
+        self.columns = {name: [] for name in self.schema.names}
+
+
+class RunWriter:
+    """Buffers rows and writes them as Parquet parts of at most ``rows_per_part`` rows."""
+
+    def __init__(self, out: Path, classes: tuple[str, ...], run_id: str, model_sha256: str, backend: str, rows_per_part: int = 100_000) -> None:
+        self.out = Path(out)
+        self.classes = tuple(classes)
+        self.run_id = run_id
+        self.model_sha256 = model_sha256
+        self.backend = backend
+        self.rows_per_part = rows_per_part
+        self._buffers = {
+            "slices": _Buffer(slices_schema(self.classes)),
+            "series": _Buffer(SERIES_SCHEMA),
+            "skipped": _Buffer(SKIPPED_SCHEMA),
+        }
+        self._seq = {name: 0 for name in DATASETS}
+        self.counts = {"slices": 0, "series_ok": 0, "series_skipped": 0, "series_error": 0, "skipped_files": 0}
+        for name in DATASETS:
+            try:
+                (self.out / name).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OutputError(f"{self.out / name}: cannot create the output directory ({exc.strerror or exc})") from None
+        probe = self.out / f".write-test-{run_id}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise OutputError(f"{self.out}: output directory is not writable ({exc.strerror or exc})") from None
+
+    # -- rows -------------------------------------------------------------------------------
+
+    def add_result(self, r: SeriesResult) -> None:
+        """One classified series: its slice rows and its series row."""
+        n = len(r.sop_uids)
+        buf = self._buffers["slices"]
+        cols = buf.columns
+        cols["study_uid"].extend([r.study_uid] * n)
+        cols["series_uid"].extend([r.series_uid] * n)
+        cols["sop_uid"].extend(r.sop_uids)
+        cols["source"].extend(r.sources)
+        cols["slice_index"].extend(range(n))
+        cols["z_mm"].extend(np.asarray(r.z_mm, dtype=np.float64).tolist())
+        cols["level"].extend(r.levels.levels)
+        cols["level_argmax"].extend(r.levels.level_argmax)
+        for k, c in enumerate(self.classes):
+            column = r.probs[:, k].astype(np.float32)
+            cols[f"p_{c}"].extend(None if not ev else float(v) for v, ev in zip(column, r.evaluated))
+        cols["evaluated"].extend(bool(v) for v in r.evaluated)
+        buf.rows += n
+        lv = r.levels
+        l3 = lv.l3_index
+        self._series_row(
+            study_uid=r.study_uid,
+            series_uid=r.series_uid,
+            status="ok",
+            reason=None,
+            n_slices=n,
+            slice_thickness_mm=r.slice_thickness_mm,
+            l3_index=l3,
+            l3_sop_uid=r.sop_uids[l3] if l3 is not None else None,
+            l3_z_mm=float(r.z_mm[l3]) if l3 is not None else None,
+            l3_first_index=lv.l3_first_index,
+            l3_last_index=lv.l3_last_index,
+            levels_present=list(lv.levels_present),
+            flags=sorted(set(r.flags) | set(lv.flags)),
+            n_evaluated=int(np.count_nonzero(r.evaluated)),
+        )
+        self.counts["slices"] += n
+        self.counts["series_ok"] += 1
+        self._maybe_flush()
+
+    def add_series_status(self, study_uid: str, series_uid: str, status: str, reason: str, n_slices: int, flags: tuple[str, ...] = ()) -> None:
+        """A series met but not classified ('skipped') or failed ('error')."""
+        assert status in ("skipped", "error")
+        self._series_row(
+            study_uid=study_uid,
+            series_uid=series_uid,
+            status=status,
+            reason=reason,
+            n_slices=n_slices,
+            slice_thickness_mm=None,
+            l3_index=None,
+            l3_sop_uid=None,
+            l3_z_mm=None,
+            l3_first_index=None,
+            l3_last_index=None,
+            levels_present=[],
+            flags=sorted(flags),
+            n_evaluated=0,
+        )
+        self.counts[f"series_{status}"] += 1
+        self._maybe_flush()
+
+    def add_skipped(self, source: str, reason: str) -> None:
+        """A file that is not part of a classified series."""
+        buf = self._buffers["skipped"]
+        buf.columns["source"].append(source)
+        buf.columns["reason"].append(reason)
+        buf.rows += 1
+        self.counts["skipped_files"] += 1
+        self._maybe_flush()
+
+    def _series_row(self, **row: Any) -> None:
+        row.update(model_sha256=self.model_sha256, backend=self.backend)
+        buf = self._buffers["series"]
+        for name in buf.schema.names:
+            buf.columns[name].append(row[name])
+        buf.rows += 1
+
+    # -- files ------------------------------------------------------------------------------
+
+    def _maybe_flush(self) -> None:
+        if any(b.rows >= self.rows_per_part for b in self._buffers.values()):
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every non-empty buffer as a part. Series rows go last, after their slices."""
+        for name in ("slices", "skipped", "series"):
+            buf = self._buffers[name]
+            if buf.rows == 0:
+                continue
+            table = pa.table(buf.columns, schema=buf.schema)
+            self._write_part(name, table)
+            self._buffers[name] = _Buffer(buf.schema)
+
+    def _write_part(self, dataset: str, table: pa.Table) -> None:
+        seq = self._seq[dataset]
+        self._seq[dataset] += 1
+        final = self.out / dataset / f"part-{self.run_id}-{seq:05d}.parquet"
+        tmp = final.with_name(f".{final.name}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                pq.write_table(table, fh, compression="zstd")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except OSError as exc:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise OutputError(f"{final}: cannot write Parquet part ({exc.strerror or exc}); parts already written stay readable") from None
+        log.debug("wrote %s (%d rows)", final, table.num_rows)
