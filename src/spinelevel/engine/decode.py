@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
 import numpy as np
 
@@ -98,6 +99,13 @@ def read_hu(src: Source, max_bytes: int) -> tuple[np.ndarray, str]:
     Raises:
         DecodeError: the file cannot be read, parsed or decoded.
     """
+    # pydicom warns about odd values and quotes them: that text may hold patient data.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _read_hu(src, max_bytes)
+
+
+def _read_hu(src: Source, max_bytes: int) -> tuple[np.ndarray, str]:
     import pydicom
 
     try:

@@ -12,6 +12,7 @@ import math
 import os
 import stat
 import tarfile
+import warnings
 import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -265,16 +266,25 @@ def _read_header_path(src: Source) -> FileHeader | SkippedFile:
 
 
 def _read_header_stream(src: Source, fh: IO[bytes]) -> FileHeader | SkippedFile:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     start = fh.tell()
     head = fh.read(262)
     fh.seek(start)
     if not head:
         return SkippedFile(src, "empty file")
     if head[128:132] != b"DICM" and _looks_like_archive(head):
+        if src.kind == "file":
+            return SkippedFile(src, "compressed file that is not a zip or tar archive (decompress it first)")
         return SkippedFile(src, "nested archive inside an archive (not opened)")
+    # pydicom warns about odd values and quotes them: that text may hold patient data.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _parse_header(src, fh, start)
+
+
+def _parse_header(src: Source, fh: IO[bytes], start: int) -> FileHeader | SkippedFile:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
     forced = False
     try:
         ds = pydicom.dcmread(fh, stop_before_pixels=True)
