@@ -1,0 +1,87 @@
+"""The command line through Typer's CliRunner, and one real run of the installed entry point."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from typer.testing import CliRunner
+
+from modelgen import build_model
+from spinelevel.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_commands() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "run" in result.output and "card" in result.output
+
+
+def test_run_writes_results_and_summary(tmp_path: Path, series_dir: Path, model_path: Path) -> None:
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", str(series_dir), "--model", str(model_path), "--out", str(out), "--workers", "0", "--batch-size", "8"])
+    assert result.exit_code == 0, result.output
+    assert "2 series: 2 processed, 0 skipped, 0 failed; 60 slices" in result.output
+    assert pq.read_table(out / "series").num_rows == 2
+
+
+def test_quiet_prints_nothing(tmp_path: Path, series_dir: Path, model_path: Path) -> None:
+    result = runner.invoke(app, ["run", str(series_dir), "-m", str(model_path), "-o", str(tmp_path / "o"), "--workers", "0", "--quiet"])
+    assert result.exit_code == 0
+    assert result.output == ""
+
+
+def test_fatal_problems_are_one_line_and_nonzero(tmp_path: Path, series_dir: Path, model_path: Path) -> None:
+    cases = [
+        (["run", str(series_dir), "-m", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "a")], "model file not found"),
+        (["run", str(tmp_path / "missing"), "-m", str(model_path), "-o", str(tmp_path / "b")], "no such file or directory"),
+        (["run", str(series_dir), "-m", str(build_model(tmp_path / "bare.onnx", card=False)), "-o", str(tmp_path / "c")], "spinelevel card set"),
+        (["run", str(series_dir), "-m", str(model_path), "-o", str(tmp_path / "d"), "--backend", "magic"], "unknown backend 'magic'"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1, (args, result.output)
+        assert message in result.output
+        assert result.output.count("\n") <= 2, result.output
+        assert "Traceback" not in result.output
+
+
+def test_bad_option_values_are_rejected(tmp_path: Path, series_dir: Path, model_path: Path) -> None:
+    result = runner.invoke(app, ["run", str(series_dir), "-m", str(model_path), "-o", str(tmp_path / "o"), "--batch-size", "0"])
+    assert result.exit_code == 2
+    assert "batch-size" in result.output
+
+
+def test_rerun_needs_overwrite(tmp_path: Path, series_dir: Path, model_path: Path) -> None:
+    args = ["run", str(series_dir), "-m", str(model_path), "-o", str(tmp_path / "o"), "--workers", "0", "-q"]
+    assert runner.invoke(app, args).exit_code == 0
+    again = runner.invoke(app, args)
+    assert again.exit_code == 1 and "--overwrite" in again.output
+    assert runner.invoke(app, args + ["--overwrite"]).exit_code == 0
+
+
+def test_min_slices_option(tmp_path: Path, series_dir: Path, model_path: Path) -> None:
+    result = runner.invoke(app, ["run", str(series_dir), "-m", str(model_path), "-o", str(tmp_path / "o"), "--workers", "0", "--min-slices", "31", "-q"])
+    assert result.exit_code == 0
+    series = pq.read_table(tmp_path / "o" / "series").to_pylist()
+    assert {s["status"] for s in series} == {"skipped"}
+    assert all("fewer than --min-slices 31" in s["reason"] for s in series)
+
+
+def test_installed_entry_point_runs(tmp_path: Path, series_dir: Path, model_path: Path) -> None:
+    exe = shutil.which("spinelevel", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    assert exe, "the 'spinelevel' script is not installed next to this Python"
+    out = tmp_path / "out"
+    proc = subprocess.run([exe, "run", str(series_dir), "--model", str(model_path), "--out", str(out), "--workers", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 processed" in proc.stderr
+    assert pq.read_table(out / "slices").num_rows == 60
+    bad = subprocess.run([exe, "run", str(series_dir), "--model", str(tmp_path / "none.onnx"), "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().startswith("error:") and "none.onnx" in bad.stderr
