@@ -22,11 +22,13 @@ from spinelevel.card import ModelCard, read_card
 from spinelevel.engine.decode import read_hu
 from spinelevel.engine.pipeline import RunOptions, run
 from spinelevel.engine.preprocess import PreprocessSpec, preprocess_slice
+from spinelevel.engine.sampling import SamplingOptions
 from spinelevel.engine.sources import Source
 from spinelevel.engine.writer import SERIES_SCHEMA, SKIPPED_SCHEMA, slices_schema
 from spinelevel.errors import CardError, OutputError
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
+FULL = SamplingOptions(mode="full")
 
 
 def _tables(out: Path) -> tuple[list[dict], list[dict], list[dict]]:
@@ -47,7 +49,7 @@ def _messy_dir(root: Path) -> Path:
 def test_run_classifies_orders_and_accounts_for_every_file(tmp_path: Path, series_dir: Path, model_path: Path) -> None:
     inp = _messy_dir(shutil.copytree(series_dir, tmp_path / "in"))
     out = tmp_path / "out"
-    summary = run([inp], model_path, out, RunOptions(workers=0, batch_size=7))
+    summary = run([inp], model_path, out, RunOptions(workers=0, batch_size=7, sampling=FULL))
     assert (summary.series_ok, summary.series_skipped, summary.series_error) == (4, 2, 0)
     assert summary.slices == 120
     slices, series, skipped = _tables(out)
@@ -85,7 +87,7 @@ def test_run_classifies_orders_and_accounts_for_every_file(tmp_path: Path, serie
 
 def test_probabilities_pass_through_unchanged(tmp_path: Path, series_dir: Path, model_path: Path) -> None:
     out = tmp_path / "out"
-    run([series_dir], model_path, out, RunOptions(workers=0, batch_size=4))
+    run([series_dir], model_path, out, RunOptions(workers=0, batch_size=4, sampling=FULL))
     slices = pq.read_table(out / "slices").to_pylist()
     spec = PreprocessSpec.from_card(read_card(model_path))
     classes = read_card(model_path).classes
@@ -145,7 +147,7 @@ def test_batches_cross_series_and_undecodable_slices_are_dropped(tmp_path: Path,
     for p in paths[:2] + short[:4]:
         data = p.read_bytes()
         p.write_bytes(data[: len(data) - 3000])
-    summary = run([inp], model_path, tmp_path / "out", RunOptions(workers=0, batch_size=6))
+    summary = run([inp], model_path, tmp_path / "out", RunOptions(workers=0, batch_size=6, sampling=FULL))
     slices, series, skipped = _tables(tmp_path / "out")
     by_uid = {s["series_uid"]: s for s in series}
     first = by_uid[STUDY + ".7"]
@@ -226,3 +228,27 @@ def test_unwritable_output_is_a_clear_error(tmp_path: Path, series_dir: Path, mo
     blocker.write_text("x")
     with pytest.raises(OutputError, match="not a directory"):
         run([series_dir], model_path, blocker, RunOptions(workers=0))
+
+
+def test_sparse_run_matches_full_with_fewer_model_slices(tmp_path: Path, model_path: Path) -> None:
+    inp = tmp_path / "in"
+    thin = level_sequence({"T": 40, "L1": 30, "L2": 30, "L3": 31, "L4": 30, "L5": 30, "S": 40})
+    write_series(inp, SeriesSpec(levels=thin, spacing_mm=1.0, study_uid=STUDY, series_uid=STUDY + ".20", seed=20, size=32))
+    write_series(inp, SeriesSpec(levels=LEVELS_30, study_uid=STUDY, series_uid=STUDY + ".21", seed=21, size=32))
+    run([inp], model_path, tmp_path / "full", RunOptions(workers=0, sampling=FULL))
+    run([inp], model_path, tmp_path / "sparse", RunOptions(workers=2, sampling=SamplingOptions(mode="sparse", stride_mm=20)))
+    full = pq.read_table(tmp_path / "full" / "slices").sort_by("sop_uid")
+    sparse = pq.read_table(tmp_path / "sparse" / "slices").sort_by("sop_uid")
+    assert full["level"].to_pylist() == sparse["level"].to_pylist()
+    evaluated = np.asarray(sparse["evaluated"].to_pylist())
+    thin_rows = np.asarray(sparse["series_uid"].to_pylist()) == STUDY + ".20"
+    assert evaluated[thin_rows].mean() < 0.2
+    nulls = [r for r in sparse.to_pylist() if not r["evaluated"]]
+    assert nulls and all(r["p_L3"] is None and r["level_argmax"] is None for r in nulls)
+    fs = {r["series_uid"]: r for r in pq.read_table(tmp_path / "full" / "series").to_pylist()}
+    ss = {r["series_uid"]: r for r in pq.read_table(tmp_path / "sparse" / "series").to_pylist()}
+    for uid in fs:
+        assert (fs[uid]["l3_index"], fs[uid]["l3_first_index"], fs[uid]["l3_last_index"]) == (ss[uid]["l3_index"], ss[uid]["l3_first_index"], ss[uid]["l3_last_index"])
+        assert ss[uid]["n_evaluated"] < fs[uid]["n_evaluated"]
+    manifest = json.loads((tmp_path / "sparse" / "run.json").read_text())["runs"][0]
+    assert manifest["options"]["sampling"]["mode"] == "sparse"

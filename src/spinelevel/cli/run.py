@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +12,14 @@ import typer
 
 from spinelevel.cli import app
 from spinelevel.cli._common import fail_cleanly, setup_logging, stderr
+
+
+class Sampling(str, Enum):
+    """--sampling choices."""
+
+    auto = "auto"
+    full = "full"
+    sparse = "sparse"
 
 
 class _RichProgress:
@@ -73,6 +82,8 @@ def run(
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="Inference threads (default: the runtime's choice, all cores).")] = None,
     workers: Annotated[int | None, typer.Option("--workers", min=0, help="Decode/preprocess worker processes (default: number of cores; 0 decodes in the main process).")] = None,
     min_slices: Annotated[int, typer.Option("--min-slices", min=1, help="Skip series with fewer slices.")] = 10,
+    sampling: Annotated[Sampling, typer.Option("--sampling", help="Slices the model sees: full (all), sparse (boundary search), auto (sparse on CPU, full on GPU).")] = Sampling.auto,
+    stride_mm: Annotated[float, typer.Option("--stride-mm", min=1.0, help="Coarse stride of the sparse search in mm.")] = 20.0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the results of an earlier run in --out.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
@@ -80,6 +91,7 @@ def run(
     """Find the vertebral level of every slice and the L3 slice of every axial CT series."""
     from spinelevel.engine.pipeline import RunOptions
     from spinelevel.engine.pipeline import run as run_pipeline
+    from spinelevel.engine.sampling import SamplingOptions
     from spinelevel.engine.select import SelectOptions
 
     setup_logging(verbose)
@@ -90,6 +102,7 @@ def run(
         workers=(os.cpu_count() or 1) if workers is None else workers,
         overwrite=overwrite,
         select=SelectOptions(min_slices=min_slices),
+        sampling=SamplingOptions(mode=sampling.value, stride_mm=stride_mm),
     )
     show = not quiet and stderr.is_terminal
     with fail_cleanly(), _RichProgress(show) as progress:

@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import multiprocessing
 import os
 import platform
 import secrets
 import shutil
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -30,18 +26,21 @@ import numpy as np
 from spinelevel import __version__
 from spinelevel.card import ModelCard, file_sha256, read_card
 from spinelevel.engine.backends import Backend, BackendOptions, default_backend, load_backend
-from spinelevel.engine.decode import read_hu
-from spinelevel.engine.preprocess import PreprocessSpec, preprocess_slice
+from spinelevel.engine.preprocess import PreprocessSpec
+from spinelevel.engine.sampling import SamplingOptions, SeriesSampler, resolve_mode
 from spinelevel.engine.scan import FileHeader, ScanOptions, SkippedFile, scan_paths
 from spinelevel.engine.select import SelectOptions, SeriesPlan, select_series
-from spinelevel.engine.sources import Source
+from spinelevel.engine.workers import DecodePool, DecodeTask, Prepared
 from spinelevel.engine.writer import DATASETS, RunWriter, SeriesResult, write_json_atomic
-from spinelevel.errors import DecodeError, InputError, OutputError
+from spinelevel.errors import InputError, OutputError
 from spinelevel.levels import LevelThresholds, l3_definition, label_series
 
 __all__ = ["RunOptions", "RunProgress", "RunSummary", "run", "prepare_output_dir"]
 
 log = logging.getLogger(__name__)
+
+# Backends that run on a GPU (the model is cheap there, so 'auto' sampling evaluates every slice).
+_GPU_BACKENDS = frozenset({"tensorrt", "torch"})
 
 
 @dataclass(frozen=True)
@@ -66,6 +65,8 @@ class RunOptions:
     select: SelectOptions = field(default_factory=SelectOptions)
     # Thresholds of the doubt flags.
     thresholds: LevelThresholds = field(default_factory=LevelThresholds)
+    # Which slices the model sees (full, or a sparse boundary search).
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
 
 
 class RunProgress(Protocol):
@@ -108,205 +109,139 @@ class RunSummary:
         return self.slices / self.seconds if self.seconds > 0 else 0.0
 
 
-# -- decode stage (runs in worker processes) --------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _ChunkTask:
-    series_no: int
-    # Slice indices within the series and their files.
-    indices: tuple[int, ...]
-    sources: tuple[Source, ...]
-    sop_uids: tuple[str, ...]
-    spec: PreprocessSpec
-    max_bytes: int
-
-
-@dataclass(frozen=True)
-class _PreparedChunk:
-    series_no: int
-    # Indices of the slices in ``array``, in its row order.
-    indices: tuple[int, ...]
-    array: np.ndarray
-    # (slice index, reason) for slices that could not be decoded.
-    failures: tuple[tuple[int, str], ...]
-
-
-def _prepare_chunk(task: _ChunkTask) -> _PreparedChunk:
-    """Read, decode and preprocess the slices of one task; failures are recorded, not raised."""
-    ok: list[int] = []
-    arrays: list[np.ndarray] = []
-    failures: list[tuple[int, str]] = []
-    shape: tuple[int, int] | None = None
-    for index, src, sop in zip(task.indices, task.sources, task.sop_uids):
-        try:
-            hu, found_sop = read_hu(src, task.max_bytes)
-            if found_sop != sop:
-                raise DecodeError("file changed since it was scanned (SOPInstanceUID differs)")
-            if shape is not None and hu.shape != shape:
-                raise DecodeError(f"pixel data is {hu.shape[0]}x{hu.shape[1]}, other slices are {shape[0]}x{shape[1]}")
-            shape = hu.shape
-            arrays.append(preprocess_slice(hu, task.spec))
-            ok.append(index)
-        except DecodeError as exc:
-            failures.append((index, str(exc)))
-        except MemoryError:
-            failures.append((index, "out of memory while decoding"))
-        except Exception as exc:  # a bug or a decoder surprise must not take the series down
-            failures.append((index, f"unexpected error while decoding ({type(exc).__name__}: {exc})"))
-    c = len(task.spec.windows)
-    h, w = task.spec.input_size
-    array = np.stack(arrays) if arrays else np.empty((0, c, h, w), dtype=np.float32)
-    return _PreparedChunk(task.series_no, tuple(ok), array, tuple(failures))
-
-
-def _chunk_tasks(plans: list[SeriesPlan], spec: PreprocessSpec, chunk: int, max_bytes: int) -> Iterator[_ChunkTask]:
-    for no, plan in enumerate(plans):
-        # Archive members are read in archive order (cheap forward seeks in compressed tars).
-        order = sorted(range(len(plan.slices)), key=lambda i: (plan.slices[i].source.path, plan.slices[i].source.offset, i))
-        for start in range(0, len(order), chunk):
-            idx = tuple(order[start : start + chunk])
-            yield _ChunkTask(
-                series_no=no,
-                indices=idx,
-                sources=tuple(plan.slices[i].source for i in idx),
-                sop_uids=tuple(plan.slices[i].sop_uid for i in idx),
-                spec=spec,
-                max_bytes=max_bytes,
-            )
-
-
-def _crashed(task: _ChunkTask) -> _PreparedChunk:
-    c = len(task.spec.windows)
-    h, w = task.spec.input_size
-    reason = "the decoder crashed its worker process on this file"
-    return _PreparedChunk(task.series_no, (), np.empty((0, c, h, w), dtype=np.float32), tuple((i, reason) for i in task.indices))
-
-
-def _prepared(tasks: Iterator[_ChunkTask], workers: int) -> Iterator[_PreparedChunk]:
-    """Run tasks in a process pool, in order, with a bounded number in flight.
-
-    A worker that dies (a decoder crashing on a hostile file) breaks the pool: the pool is rebuilt
-    and the tasks that were in flight are retried one at a time, so only the files of the task that
-    kills a worker again are recorded as failed.
-    """
-    if workers <= 1:
-        for task in tasks:
-            yield _prepare_chunk(task)
-        return
-    ctx = multiprocessing.get_context("spawn")
-
-    def new_pool() -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
-
-    pool = new_pool()
-    window: deque[tuple[_ChunkTask, object]] = deque()
-    task_iter = iter(tasks)
-    consecutive_crashes = 0
-    try:
-        while True:
-            while len(window) < 2 * workers:
-                task = next(task_iter, None)
-                if task is None:
-                    break
-                window.append((task, pool.submit(_prepare_chunk, task)))
-            if not window:
-                return
-            task, future = window.popleft()
-            try:
-                yield future.result()  # type: ignore[attr-defined]
-                consecutive_crashes = 0
-                continue
-            except BrokenProcessPool:
-                pass
-            pool.shutdown(wait=True, cancel_futures=True)
-            retry = [task] + [t for t, _ in window]
-            window.clear()
-            pool = new_pool()
-            for t in retry:
-                try:
-                    result = pool.submit(_prepare_chunk, t).result()
-                    consecutive_crashes = 0
-                except BrokenProcessPool:
-                    consecutive_crashes += 1
-                    if consecutive_crashes >= 3:
-                        raise InputError(
-                            "decode worker processes keep dying before doing any work; run with "
-                            "--workers 0, and when calling spinelevel from a script guard it with "
-                            "if __name__ == '__main__'"
-                        ) from None
-                    log.warning("a decode worker crashed; %d file(s) recorded as failed", len(t.indices))
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    pool = new_pool()
-                    result = _crashed(t)
-                yield result
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
-# -- inference and assembly --------------------------------------------------------------------
+# -- decode, infer, sample: the scheduler -----------------------------------------------------
 
 
 @dataclass
-class _OpenSeries:
+class _Work:
+    """A series in flight."""
+
     plan: SeriesPlan
-    probs: np.ndarray
-    done: np.ndarray
+    sampler: SeriesSampler
     failures: dict[int, str] = field(default_factory=dict)
-    remaining: int = 0
+    # Slices requested and not yet scored or failed.
+    outstanding: int = 0
 
 
-class _Assembler:
-    """Collects per-slice probabilities until a series is complete, then labels it."""
+class _Scheduler:
+    """Keeps the decode pool and the backend busy across series, and asks samplers for slices.
 
-    def __init__(self, plans: list[SeriesPlan], classes: tuple[str, ...], thresholds: LevelThresholds, min_slices: int) -> None:
+    Series are opened a few at a time; each asks its sampler which slices to evaluate, those are
+    decoded in the pool, batched across series for inference, and handed back to the sampler, until
+    the sampler is satisfied and the series is labelled.
+    """
+
+    def __init__(self, plans: list[SeriesPlan], backend: Backend, pool: DecodePool, spec: PreprocessSpec, classes: tuple[str, ...], options: RunOptions, mode: str) -> None:
         self.plans = plans
+        self.backend = backend
+        self.pool = pool
+        self.spec = spec
         self.classes = classes
-        self.thresholds = thresholds
-        self.min_slices = min_slices
-        self.open: dict[int, _OpenSeries] = {}
+        self.options = options
+        self.mode = mode
+        self.open: dict[int, _Work] = {}
+        self._next_plan = 0
+        # Sparse series need several rounds: keep enough of them open to fill the pool.
+        self.max_open = max(2, 2 * max(1, options.workers)) if mode == "sparse" else 2
+        self._ids: list[tuple[int, int]] = []
+        self._arrays: list[np.ndarray] = []
+        self._buffered = 0
+        self.model_calls = 0
 
-    def _get(self, no: int) -> _OpenSeries:
-        s = self.open.get(no)
-        if s is None:
+    def __iter__(self) -> Iterator[tuple[SeriesPlan, SeriesResult | None, dict[int, str]]]:
+        self._open_more()
+        while self.open:
+            if self.pool.pending():
+                self._receive(self.pool.get())
+                while self._buffered >= self.options.batch_size:
+                    self._run_batch(self.options.batch_size)
+            elif self._buffered:
+                self._run_batch(self._buffered)
+            yield from self._settle()
+            self._open_more()
+
+    def _open_more(self) -> None:
+        while len(self.open) < self.max_open and self._next_plan < len(self.plans):
+            no = self._next_plan
+            self._next_plan += 1
             plan = self.plans[no]
-            n = len(plan.slices)
-            s = _OpenSeries(plan, np.full((n, len(self.classes)), np.nan, dtype=np.float32), np.zeros(n, dtype=bool), remaining=n)
-            self.open[no] = s
-        return s
+            z = np.asarray([s.z_mm for s in plan.slices], dtype=np.float64)
+            work = _Work(plan, SeriesSampler(z, len(self.classes), self.mode, self.options.sampling))  # type: ignore[arg-type]
+            self.open[no] = work
+            self._submit(no, work, work.sampler.initial())
 
-    def fail(self, no: int, failures: Iterable[tuple[int, str]]) -> None:
-        s = self._get(no)
-        for index, reason in failures:
-            s.failures[index] = reason
-            s.remaining -= 1
+    def _submit(self, no: int, work: _Work, indices: list[int]) -> None:
+        slices = work.plan.slices
+        # Archive members are read in archive order (cheap forward seeks in compressed tars).
+        order = sorted(indices, key=lambda i: (slices[i].source.path, slices[i].source.offset, i))
+        chunk = max(1, self.options.chunk_slices)
+        for start in range(0, len(order), chunk):
+            idx = tuple(order[start : start + chunk])
+            self.pool.submit(
+                DecodeTask(
+                    key=no,
+                    indices=idx,
+                    sources=tuple(slices[i].source for i in idx),
+                    sop_uids=tuple(slices[i].sop_uid for i in idx),
+                    spec=self.spec,
+                    max_bytes=self.options.scan.max_file_bytes,
+                )
+            )
+        work.outstanding += len(order)
 
-    def scored(self, no: int, indices: list[int], probs: np.ndarray) -> None:
-        s = self._get(no)
-        s.probs[indices] = probs
-        s.done[indices] = True
-        s.remaining -= len(indices)
+    def _receive(self, prepared: Prepared) -> None:
+        work = self.open[prepared.key]
+        if prepared.failures:
+            for index, reason in prepared.failures:
+                work.failures[index] = reason
+            work.sampler.unavailable([i for i, _ in prepared.failures])
+            work.outstanding -= len(prepared.failures)
+        if prepared.indices:
+            self._arrays.append(prepared.array)
+            self._ids.extend((prepared.key, i) for i in prepared.indices)
+            self._buffered += len(prepared.indices)
 
-    def pop_complete(self) -> Iterator[tuple[SeriesPlan, SeriesResult | None, dict[int, str]]]:
+    def _run_batch(self, take: int) -> None:
+        stacked = np.concatenate(self._arrays) if len(self._arrays) > 1 else self._arrays[0]
+        batch, rest = stacked[:take], stacked[take:]
+        probs = self.backend.infer(batch)
+        self.model_calls += 1
+        ids, self._ids = self._ids[:take], self._ids[take:]
+        self._arrays = [rest] if len(rest) else []
+        self._buffered -= take
+        by_series: dict[int, list[int]] = {}
+        for pos, (no, _) in enumerate(ids):
+            by_series.setdefault(no, []).append(pos)
+        for no, positions in by_series.items():
+            work = self.open[no]
+            work.sampler.update([ids[p][1] for p in positions], probs[positions])
+            work.outstanding -= len(positions)
+
+    def _settle(self) -> Iterator[tuple[SeriesPlan, SeriesResult | None, dict[int, str]]]:
         for no in sorted(self.open):
-            s = self.open[no]
-            if s.remaining > 0:
+            work = self.open[no]
+            if work.outstanding:
+                continue
+            more = work.sampler.next()
+            if more:
+                self._submit(no, work, more)
                 continue
             del self.open[no]
-            yield s.plan, self._finish(s), s.failures
+            yield work.plan, self._finish(work), work.failures
 
-    def _finish(self, s: _OpenSeries) -> SeriesResult | None:
-        keep = np.flatnonzero(s.done)
-        if len(keep) < self.min_slices:
+    def _finish(self, work: _Work) -> SeriesResult | None:
+        sampler = work.sampler
+        keep = np.flatnonzero(~sampler.failed)
+        if len(keep) < self.options.select.min_slices or not sampler.evaluated[keep].any():
             return None
-        plan = s.plan
+        plan = work.plan
         slices = [plan.slices[i] for i in keep]
         z = np.asarray([sl.z_mm for sl in slices], dtype=np.float64)
-        probs = s.probs[keep]
-        evaluated = np.ones(len(keep), dtype=bool)
-        levels = label_series(probs, z, self.classes, evaluated, self.thresholds)
+        probs = sampler.probs[keep]
+        evaluated = sampler.evaluated[keep]
+        levels = label_series(probs, z, self.classes, evaluated, self.options.thresholds)
         flags = set(plan.flags)
-        if s.failures:
+        if work.failures:
             flags.add("dropped_slices")
         return SeriesResult(
             study_uid=plan.study_uid,
@@ -322,38 +257,22 @@ class _Assembler:
         )
 
 
-def _infer_stream(chunks: Iterator[_PreparedChunk], backend: Backend, batch_size: int, assembler: _Assembler) -> Iterator[tuple[SeriesPlan, SeriesResult | None, dict[int, str]]]:
-    """Batch rows across chunk and series boundaries; yield series as they complete."""
-    rows: list[tuple[int, int]] = []
-    arrays: list[np.ndarray] = []
-    buffered = 0
-
-    def run_batch(take: int) -> None:
-        nonlocal arrays, rows, buffered
-        stacked = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
-        batch, rest = stacked[:take], stacked[take:]
-        probs = backend.infer(batch)
-        ids, rows = rows[:take], rows[take:]
-        arrays = [rest] if len(rest) else []
-        buffered -= take
-        by_series: dict[int, list[int]] = {}
-        for pos, (no, index) in enumerate(ids):
-            by_series.setdefault(no, []).append(pos)
-        for no, positions in by_series.items():
-            assembler.scored(no, [ids[p][1] for p in positions], probs[positions])
-
-    for chunk in chunks:
-        assembler.fail(chunk.series_no, chunk.failures)
-        if len(chunk.indices):
-            arrays.append(chunk.array)
-            rows.extend((chunk.series_no, i) for i in chunk.indices)
-            buffered += len(chunk.indices)
-        while buffered >= batch_size:
-            run_batch(batch_size)
-        yield from assembler.pop_complete()
-    if buffered:
-        run_batch(buffered)
-    yield from assembler.pop_complete()
+def _write_series(writer: RunWriter, plan: SeriesPlan, result: SeriesResult | None, failures: dict[int, str], options: RunOptions) -> None:
+    for index, reason in sorted(failures.items()):
+        writer.add_skipped(plan.slices[index].source.label, reason)
+    if result is not None:
+        writer.add_result(result)
+        return
+    ok = len(plan.slices) - len(failures)
+    writer.add_series_status(
+        plan.study_uid,
+        plan.series_uid,
+        "error",
+        f"only {ok} of {len(plan.slices)} slices could be decoded (--min-slices {options.select.min_slices}); "
+        "see skipped for each file",
+        len(plan.slices),
+        plan.flags,
+    )
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -430,6 +349,7 @@ def run(paths: list[Path], model: Path, out: Path, options: RunOptions = RunOpti
     backend_name = options.backend or default_backend(model)
     backend = load_backend(backend_name, model, card, BackendOptions(max_batch=options.batch_size, threads=options.threads))
     model_sha = file_sha256(model)
+    mode = resolve_mode(options.sampling.mode, gpu_backend=backend_name in _GPU_BACKENDS)
     prepare_output_dir(out, options.overwrite)
     writer = RunWriter(out, card.classes, run_id, model_sha, backend_name)
 
@@ -448,6 +368,7 @@ def run(paths: list[Path], model: Path, out: Path, options: RunOptions = RunOpti
             "scan": asdict(options.scan),
             "select": asdict(options.select),
             "thresholds": asdict(options.thresholds),
+            "sampling": asdict(options.sampling) | {"mode": mode},
         },
         "inputs": [str(p) for p in paths],
         "l3_definition": l3_definition(options.thresholds),
@@ -474,26 +395,13 @@ def run(paths: list[Path], model: Path, out: Path, options: RunOptions = RunOpti
         log.info("%d series to classify, %d skipped, %d files skipped", len(plans), len(selection.skipped_series), len(selection.skipped_files))
 
         spec = PreprocessSpec.from_card(card)
-        tasks = _chunk_tasks(plans, spec, max(1, options.chunk_slices), options.scan.max_file_bytes)
-        assembler = _Assembler(plans, card.classes, options.thresholds, options.select.min_slices)
-        for plan, result, failures in _infer_stream(_prepared(tasks, options.workers), backend, options.batch_size, assembler):
-            for index, reason in sorted(failures.items()):
-                writer.add_skipped(plan.slices[index].source.label, reason)
-            if result is None:
-                ok = len(plan.slices) - len(failures)
-                writer.add_series_status(
-                    plan.study_uid,
-                    plan.series_uid,
-                    "error",
-                    f"only {ok} of {len(plan.slices)} slices could be decoded (--min-slices {options.select.min_slices}); see skipped for each file",
-                    len(plan.slices),
-                    plan.flags,
-                )
-                progress.advanced(1, 0)
-            else:
-                writer.add_result(result)
-                progress.advanced(1, len(result.sop_uids))
+        with DecodePool(options.workers) as pool:
+            scheduler = _Scheduler(plans, backend, pool, spec, card.classes, options, mode)
+            for plan, result, failures in scheduler:
+                _write_series(writer, plan, result, failures, options)
+                progress.advanced(1, len(result.sop_uids) if result is not None else 0)
         writer.flush()
+        manifest_run["model_calls"] = scheduler.model_calls
         status = "complete"
     except KeyboardInterrupt:
         status = "interrupted"

@@ -1,0 +1,158 @@
+"""Which slices of a series the model sees: all of them, or a sparse boundary search.
+
+Levels along a series are ordered (``T* L1* ... S*``), so the labelling of every slice follows from
+the few slices around each level boundary. The sparse search:
+
+1. evaluates slices at a coarse stride chosen in millimetres (always the first and last slice);
+2. decodes the order over the evaluated slices (:func:`spinelevel.levels.decode_sequence`);
+3. bisects every gap between two neighbouring evaluated slices whose decoded levels differ, until
+   each boundary lies between two adjacent slices; a monotone sequence cannot hide a level between
+   two samples of the same level, so nothing is missed that the model would have seen;
+4. where the evaluated slices look inconsistent (argmax disagrees with the decoded order, or the
+   top probability is low), evaluates every slice within one stride of them and searches again; a
+   series that needs more than ``max_fraction`` of its slices this way is evaluated in full.
+
+Unevaluated slices take their level from the decoded order (``label_series`` with ``evaluated``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from spinelevel.levels import decode_sequence
+
+__all__ = ["SamplingOptions", "SeriesSampler", "resolve_mode"]
+
+Mode = Literal["auto", "full", "sparse"]
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How many slices the model sees."""
+
+    # 'full' (every slice), 'sparse' (boundary search) or 'auto' (sparse on CPU backends, full on GPU).
+    mode: Mode = "auto"
+    # Coarse stride of the sparse search in mm (a lumbar vertebra with its disc is about 30-40 mm).
+    stride_mm: float = 20.0
+    # An evaluated slice whose top probability is below this is 'doubtful' and gets neighbours.
+    min_confidence: float = 0.6
+    # Rounds of densification around doubtful slices before giving up on sparsity.
+    densify_rounds: int = 2
+    # Above this fraction of evaluated slices a series is simply evaluated in full.
+    max_fraction: float = 0.6
+
+
+def resolve_mode(mode: Mode, gpu_backend: bool) -> Literal["full", "sparse"]:
+    """'auto' -> 'full' on GPU backends (the model is cheap there), 'sparse' on CPU backends."""
+    if mode == "auto":
+        return "full" if gpu_backend else "sparse"
+    return mode
+
+
+class SeriesSampler:
+    """The sampling state of one series: asks for slices, receives their probabilities.
+
+    Usage: ``initial()`` once, then ``update()`` with results (and ``unavailable()`` for slices that
+    could not be decoded), then ``next()`` until it returns no index.
+    """
+
+    def __init__(self, z_mm: np.ndarray, n_classes: int, mode: Literal["full", "sparse"], options: SamplingOptions = SamplingOptions()) -> None:
+        self.z = np.asarray(z_mm, dtype=np.float64)
+        self.n = len(self.z)
+        self.mode = mode
+        self.options = options
+        self.probs = np.full((self.n, n_classes), np.nan, dtype=np.float32)
+        self.evaluated = np.zeros(self.n, dtype=bool)
+        self.failed = np.zeros(self.n, dtype=bool)
+        self.requested = np.zeros(self.n, dtype=bool)
+        self._densified = 0
+        spacing = float(np.median(np.abs(np.diff(self.z)))) if self.n > 1 else 1.0
+        self.step = max(1, int(round(options.stride_mm / spacing))) if spacing > 0 else 1
+
+    # -- protocol ---------------------------------------------------------------------------
+
+    def initial(self) -> list[int]:
+        """The first slices to evaluate."""
+        if self.mode == "full" or self.n <= 3:
+            idx = list(range(self.n))
+        else:
+            idx = sorted(set(range(0, self.n, self.step)) | {self.n - 1})
+        return self._request(idx)
+
+    def update(self, indices: list[int] | np.ndarray, probs: np.ndarray) -> None:
+        """Probabilities of evaluated slices."""
+        idx = np.asarray(indices, dtype=np.intp)
+        self.probs[idx] = probs
+        self.evaluated[idx] = True
+
+    def unavailable(self, indices: list[int]) -> None:
+        """Slices that could not be decoded: never asked for again."""
+        self.failed[np.asarray(indices, dtype=np.intp)] = True
+
+    def next(self) -> list[int]:
+        """More slices to evaluate, or [] when the series is settled."""
+        if self.mode == "full":
+            return []
+        while True:
+            fresh = self._bisect()
+            if fresh:
+                return self._request(fresh)
+            if self._densified >= self.options.densify_rounds:
+                return []
+            doubtful = self._doubtful()
+            self._densified += 1
+            if not doubtful:
+                return []
+            window = set()
+            for i in doubtful:
+                window.update(range(max(0, i - self.step), min(self.n, i + self.step + 1)))
+            fresh = [i for i in sorted(window) if self._open(i)]
+            if self.evaluated.sum() + len(fresh) > self.options.max_fraction * self.n:
+                fresh = [i for i in range(self.n) if self._open(i)]
+            if fresh:
+                return self._request(fresh)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _open(self, i: int) -> bool:
+        return not (self.requested[i] or self.failed[i])
+
+    def _request(self, idx: list[int]) -> list[int]:
+        out = [i for i in idx if self._open(i)]
+        self.requested[out] = True
+        return out
+
+    def _decoded(self) -> tuple[np.ndarray, np.ndarray]:
+        """Indices of evaluated slices and their decoded class indices."""
+        ev = np.flatnonzero(self.evaluated)
+        if len(ev) == 0:
+            return ev, ev
+        logp = np.log(np.clip(self.probs[ev].astype(np.float64), 1e-7, 1.0))
+        return ev, decode_sequence(logp)
+
+    def _bisect(self) -> list[int]:
+        ev, dec = self._decoded()
+        fresh: list[int] = []
+        for k in range(len(ev) - 1):
+            a, b = int(ev[k]), int(ev[k + 1])
+            if b - a <= 1 or dec[k] == dec[k + 1]:
+                continue
+            candidates = [i for i in range(a + 1, b) if self._open(i)]
+            if not candidates:
+                continue
+            mid = (a + b) / 2.0
+            fresh.append(min(candidates, key=lambda i: (abs(i - mid), i)))
+        return fresh
+
+    def _doubtful(self) -> list[int]:
+        ev, dec = self._decoded()
+        if len(ev) == 0:
+            return []
+        p = self.probs[ev]
+        argmax = np.argmax(p, axis=1)
+        top = p.max(axis=1)
+        bad = (argmax != dec) | (top < self.options.min_confidence)
+        return [int(i) for i in ev[bad]]

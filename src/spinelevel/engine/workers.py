@@ -1,0 +1,170 @@
+"""Decode and preprocess slices in a pool of worker processes, ahead of inference.
+
+Tasks are small (a few slice addresses and the preprocessing spec); results are the preprocessed
+float32 arrays. Results come back in submission order and only a bounded number of tasks is in
+flight, so memory does not grow with the archive. A worker killed by a decoder crash on a hostile file
+breaks the pool: the pool is rebuilt and the tasks in flight are retried one at a time, so only the
+files of a task that kills a worker again are recorded as failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+
+import numpy as np
+
+from spinelevel.engine.decode import read_hu
+from spinelevel.engine.preprocess import PreprocessSpec, preprocess_slice
+from spinelevel.engine.sources import Source
+from spinelevel.errors import DecodeError, InputError
+
+__all__ = ["DecodeTask", "Prepared", "prepare", "DecodePool"]
+
+log = logging.getLogger(__name__)
+
+_CRASH_REASON = "the decoder crashed its worker process on this file"
+
+
+@dataclass(frozen=True)
+class DecodeTask:
+    """Slices of one series to read, decode and preprocess."""
+
+    # Caller's key of the series.
+    key: int
+    # Slice indices within the series and their files.
+    indices: tuple[int, ...]
+    sources: tuple[Source, ...]
+    # Expected SOPInstanceUIDs (the file must not have changed since the scan).
+    sop_uids: tuple[str, ...]
+    spec: PreprocessSpec
+    # Largest file read, in bytes.
+    max_bytes: int
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The outcome of a task."""
+
+    key: int
+    # Indices of the slices in ``array``, in its row order.
+    indices: tuple[int, ...]
+    # (len(indices), C, H, W) float32 model input.
+    array: np.ndarray
+    # (slice index, reason) for slices that could not be decoded.
+    failures: tuple[tuple[int, str], ...]
+
+
+def _empty(spec: PreprocessSpec) -> np.ndarray:
+    return np.empty((0, len(spec.windows), *spec.input_size), dtype=np.float32)
+
+
+def prepare(task: DecodeTask) -> Prepared:
+    """Read, decode and preprocess the slices of one task; failures are recorded, never raised."""
+    ok: list[int] = []
+    arrays: list[np.ndarray] = []
+    failures: list[tuple[int, str]] = []
+    for index, src, sop in zip(task.indices, task.sources, task.sop_uids):
+        try:
+            hu, found_sop = read_hu(src, task.max_bytes)
+            if found_sop != sop:
+                raise DecodeError("file changed since it was scanned (SOPInstanceUID differs)")
+            arrays.append(preprocess_slice(hu, task.spec))
+            ok.append(index)
+        except DecodeError as exc:
+            failures.append((index, str(exc)))
+        except MemoryError:
+            failures.append((index, "out of memory while decoding"))
+        except Exception as exc:  # a decoder surprise must not take the series down
+            failures.append((index, f"unexpected error while decoding ({type(exc).__name__}: {exc})"))
+    array = np.stack(arrays) if arrays else _empty(task.spec)
+    return Prepared(task.key, tuple(ok), array, tuple(failures))
+
+
+def _crashed(task: DecodeTask) -> Prepared:
+    return Prepared(task.key, (), _empty(task.spec), tuple((i, _CRASH_REASON) for i in task.indices))
+
+
+class DecodePool:
+    """FIFO decode queue over ``workers`` processes (0 or 1: in the calling process)."""
+
+    def __init__(self, workers: int, max_in_flight: int | None = None) -> None:
+        self.workers = workers
+        self.max_in_flight = max_in_flight or 2 * max(1, workers)
+        self._queue: deque[DecodeTask] = deque()
+        self._in_flight: deque[tuple[DecodeTask, Future]] = deque()
+        self._pool: ProcessPoolExecutor | None = None
+        self._crashes_without_success = 0
+
+    def __enter__(self) -> DecodePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def submit(self, task: DecodeTask) -> None:
+        """Queue a task (it starts when a slot in flight is free)."""
+        self._queue.append(task)
+
+    def pending(self) -> int:
+        """Tasks queued or in flight."""
+        return len(self._queue) + len(self._in_flight)
+
+    def get(self) -> Prepared:
+        """The result of the oldest task (blocks)."""
+        if self.workers <= 1:
+            return prepare(self._queue.popleft())
+        self._fill()
+        task, future = self._in_flight.popleft()
+        try:
+            result = future.result()
+            self._crashes_without_success = 0
+            return result
+        except BrokenProcessPool:
+            pass
+        # Rebuild, retry this task alone, and put the others back at the front of the queue.
+        retry = [t for t, _ in self._in_flight]
+        self._in_flight.clear()
+        self._queue.extendleft(reversed(retry))
+        self._restart()
+        try:
+            result = self._pool.submit(prepare, task).result()  # type: ignore[union-attr]
+            self._crashes_without_success = 0
+            return result
+        except BrokenProcessPool:
+            self._crashes_without_success += 1
+            if self._crashes_without_success >= 3:
+                raise InputError(
+                    "decode worker processes keep dying; run with --workers 0, and when calling "
+                    "spinelevel from a script guard it with if __name__ == '__main__'"
+                ) from None
+            log.warning("a decode worker crashed; %d file(s) recorded as failed", len(task.indices))
+            self._restart()
+            return _crashed(task)
+
+    def _fill(self) -> None:
+        if self._pool is None:
+            self._restart()
+        while self._queue and len(self._in_flight) < self.max_in_flight:
+            task = self._queue.popleft()
+            self._in_flight.append((task, self._pool.submit(prepare, task)))  # type: ignore[union-attr]
+
+    def _restart(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        # spawn, not fork: the parent holds an inference runtime with its own threads.
+        self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def close(self) -> None:
+        """Stop the workers; queued tasks are dropped."""
+        self._queue.clear()
+        for _, future in self._in_flight:
+            future.cancel()
+        self._in_flight.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None

@@ -1,0 +1,114 @@
+"""The sparse boundary search against an oracle that knows every slice's level."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spinelevel.engine.sampling import SamplingOptions, SeriesSampler, resolve_mode
+from spinelevel.levels import CLASSES, label_series
+
+K = len(CLASSES)
+
+
+def _oracle(truth: np.ndarray, confidence: float = 0.9, flips: dict[int, int] | None = None) -> np.ndarray:
+    probs = np.full((len(truth), K), (1 - confidence) / (K - 1), dtype=np.float32)
+    probs[np.arange(len(truth)), truth] = confidence
+    for i, wrong in (flips or {}).items():
+        probs[i] = (1 - confidence) / (K - 1)
+        probs[i, wrong] = confidence
+    return probs
+
+
+def _drive(sampler: SeriesSampler, probs: np.ndarray, broken: set[int] = frozenset()) -> int:
+    """Answer the sampler's requests from ``probs``; returns how many rounds it took."""
+    request = sampler.initial()
+    rounds = 0
+    while request:
+        rounds += 1
+        bad = [i for i in request if i in broken]
+        good = [i for i in request if i not in broken]
+        sampler.unavailable(bad)
+        sampler.update(good, probs[good])
+        request = sampler.next()
+        assert rounds < 100
+    return rounds
+
+
+def _truth(counts: list[int]) -> np.ndarray:
+    return np.repeat(np.arange(K), counts)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 60), min_size=K, max_size=K).filter(lambda c: sum(c) >= 12),
+    spacing=st.sampled_from([0.625, 1.0, 2.5, 5.0]),
+    stride=st.sampled_from([10.0, 20.0, 30.0]),
+)
+def test_sparse_labels_equal_full_labels_for_a_consistent_model(counts: list[int], spacing: float, stride: float) -> None:
+    truth = _truth(counts)
+    z = -spacing * np.arange(len(truth))
+    probs = _oracle(truth)
+    sampler = SeriesSampler(z, K, "sparse", SamplingOptions(stride_mm=stride))
+    _drive(sampler, probs)
+    sparse = label_series(sampler.probs, z, CLASSES, sampler.evaluated)
+    full = label_series(probs, z, CLASSES)
+    assert sparse.levels == full.levels
+    assert sparse.l3_index == full.l3_index
+    # every boundary is pinned by two adjacent evaluated slices
+    for i in np.flatnonzero(np.diff(truth)):
+        assert sampler.evaluated[i] and sampler.evaluated[i + 1]
+
+
+def test_thin_series_evaluates_a_small_fraction() -> None:
+    truth = _truth([80, 35, 35, 36, 35, 35, 60])  # 316 slices at 1 mm
+    z = -1.0 * np.arange(len(truth))
+    sampler = SeriesSampler(z, K, "sparse", SamplingOptions(stride_mm=20))
+    rounds = _drive(sampler, _oracle(truth))
+    assert sampler.evaluated.mean() < 0.15
+    assert rounds <= 8
+
+
+def test_doubtful_samples_get_neighbours() -> None:
+    truth = _truth([40, 30, 30, 30, 30, 30, 40])
+    z = -1.0 * np.arange(len(truth))
+    # a coarse sample deep in L1 says L4: the order decoding overrides it, the sampler looks closer
+    flips = {60: 4}
+    probs = _oracle(truth, flips=flips)
+    sampler = SeriesSampler(z, K, "sparse", SamplingOptions(stride_mm=20))
+    _drive(sampler, probs)
+    assert sampler.evaluated[60]
+    assert sampler.evaluated[41:80].sum() > 10  # densified around the doubtful slice
+    assert label_series(sampler.probs, z, CLASSES, sampler.evaluated).levels == label_series(probs, z, CLASSES).levels
+
+
+def test_low_confidence_everywhere_falls_back_to_full() -> None:
+    truth = _truth([20, 10, 10, 10, 10, 10, 20])
+    z = -1.0 * np.arange(len(truth))
+    sampler = SeriesSampler(z, K, "sparse", SamplingOptions(stride_mm=20, min_confidence=0.95))
+    _drive(sampler, _oracle(truth, confidence=0.5))
+    assert sampler.evaluated.all()
+
+
+def test_broken_slices_are_never_requested_twice() -> None:
+    truth = _truth([40, 30, 30, 30, 30, 30, 40])
+    z = -1.0 * np.arange(len(truth))
+    broken = {0, 20, 69, 70, 71}
+    sampler = SeriesSampler(z, K, "sparse", SamplingOptions(stride_mm=20))
+    _drive(sampler, _oracle(truth), broken)
+    assert not sampler.evaluated[list(broken)].any()
+    assert sampler.failed[list(broken)].all()
+    # the L1/L2 boundary (69|70) is pinned by the nearest decodable slices
+    assert sampler.evaluated[68] and sampler.evaluated[72]
+
+
+def test_full_mode_and_auto() -> None:
+    z = -np.arange(30.0)
+    sampler = SeriesSampler(z, K, "full")
+    assert sampler.initial() == list(range(30))
+    sampler.update(list(range(30)), _oracle(_truth([30, 0, 0, 0, 0, 0, 0])))
+    assert sampler.next() == []
+    assert resolve_mode("auto", gpu_backend=False) == "sparse"
+    assert resolve_mode("auto", gpu_backend=True) == "full"
+    assert resolve_mode("full", gpu_backend=False) == "full"
