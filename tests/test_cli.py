@@ -27,7 +27,7 @@ def test_run_writes_results_and_summary(tmp_path: Path, series_dir: Path, model_
     out = tmp_path / "out"
     result = runner.invoke(app, ["run", str(series_dir), "--model", str(model_path), "--out", str(out), "--workers", "0", "--batch-size", "8"])
     assert result.exit_code == 0, result.output
-    assert "2 series: 2 processed, 0 skipped, 0 failed; 60 slices" in result.output
+    assert "2 series: 2 processed, 0 skipped, 0 failed, 0 already done; 60 slices" in result.output
     assert pq.read_table(out / "series").num_rows == 2
 
 
@@ -58,12 +58,15 @@ def test_bad_option_values_are_rejected(tmp_path: Path, series_dir: Path, model_
     assert "batch-size" in result.output
 
 
-def test_rerun_needs_overwrite(tmp_path: Path, series_dir: Path, model_path: Path) -> None:
-    args = ["run", str(series_dir), "-m", str(model_path), "-o", str(tmp_path / "o"), "--workers", "0", "-q"]
+def test_rerun_resumes_and_force_redoes(tmp_path: Path, series_dir: Path, model_path: Path) -> None:
+    args = ["run", str(series_dir), "-m", str(model_path), "-o", str(tmp_path / "o"), "--workers", "0"]
     assert runner.invoke(app, args).exit_code == 0
     again = runner.invoke(app, args)
-    assert again.exit_code == 1 and "--overwrite" in again.output
-    assert runner.invoke(app, args + ["--overwrite"]).exit_code == 0
+    assert again.exit_code == 0
+    assert "0 processed, 0 skipped, 0 failed, 2 already done" in again.output
+    forced = runner.invoke(app, args + ["--force"])
+    assert forced.exit_code == 0 and "2 processed" in forced.output
+    assert pq.read_table(tmp_path / "o" / "slices").num_rows == 60
 
 
 def test_min_slices_option(tmp_path: Path, series_dir: Path, model_path: Path) -> None:

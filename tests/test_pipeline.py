@@ -211,16 +211,61 @@ def test_card_that_does_not_fit_the_model_is_refused(tmp_path: Path, series_dir:
         run([series_dir], model, tmp_path / "out", RunOptions(workers=0))
 
 
-def test_existing_results_are_not_mixed(tmp_path: Path, series_dir: Path, model_path: Path) -> None:
+def test_rerun_resumes_without_duplicates_and_keeps_history(tmp_path: Path, series_dir: Path, model_path: Path) -> None:
     out = tmp_path / "out"
-    run([series_dir], model_path, out, RunOptions(workers=0))
+    inp = _messy_dir(shutil.copytree(series_dir, tmp_path / "in"))
+    first = run([inp], model_path, out, RunOptions(workers=0, sampling=FULL))
     (out / "mine.txt").write_text("keep me")
-    with pytest.raises(OutputError, match="--overwrite"):
-        run([series_dir], model_path, out, RunOptions(workers=0))
-    run([series_dir], model_path, out, RunOptions(workers=0, overwrite=True))
+    ref = [pq.read_table(out / n).sort_by("source" if n == "skipped" else "series_uid" if n == "series" else "sop_uid") for n in ("slices", "series", "skipped")]
+    again = run([inp], model_path, out, RunOptions(workers=0, sampling=FULL))
+    assert (again.series_ok, again.series_skipped, again.series_already_done) == (0, 0, first.series_ok + first.series_skipped)
+    got = [pq.read_table(out / n).sort_by("source" if n == "skipped" else "series_uid" if n == "series" else "sop_uid") for n in ("slices", "series", "skipped")]
+    for a, b in zip(ref, got):
+        assert a.equals(b)
     assert (out / "mine.txt").read_text() == "keep me"
-    assert pq.read_table(out / "slices").num_rows == 60
-    assert len(json.loads((out / "run.json").read_text())["runs"]) == 1
+    runs = json.loads((out / "run.json").read_text())["runs"]
+    assert [r["status"] for r in runs] == ["complete", "complete"]
+    forced = run([inp], model_path, out, RunOptions(workers=0, sampling=FULL, force=True))
+    assert forced.series_ok == 4 and forced.series_already_done == 0
+    assert pq.read_table(out / "slices").num_rows == 120
+
+
+def test_series_that_gained_slices_is_redone_and_replaced(tmp_path: Path, model_path: Path) -> None:
+    inp = tmp_path / "in"
+    levels = level_sequence({"T": 5, "L1": 4, "L2": 4, "L3": 5, "L4": 4})
+    write_series(inp, SeriesSpec(levels=levels, study_uid=STUDY, series_uid=STUDY + ".30", seed=30))
+    write_series(inp, SeriesSpec(levels=LEVELS_30, study_uid=STUDY, series_uid=STUDY + ".31", seed=31))
+    out = tmp_path / "out"
+    run([inp], model_path, out, RunOptions(workers=0, sampling=FULL))
+    # the archive grows: the same series gets 8 more (inferior) slices, in a new folder
+    more = level_sequence({"T": 5, "L1": 4, "L2": 4, "L3": 5, "L4": 4, "L5": 4, "S": 4})
+    spec = SeriesSpec(levels=more, study_uid=STUDY, series_uid=STUDY + ".30", seed=30)
+    added = write_series(tmp_path / "late", spec)
+    from dicomgen import slice_hu  # noqa: F401  (same geometry: positions continue below)
+    keep = [p for p in added if int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber) <= 8]
+    for p in keep:
+        shutil.move(p, inp / ("late_" + p.name))
+    summary = run([inp], model_path, out, RunOptions(workers=0, sampling=FULL))
+    assert summary.series_ok == 1 and summary.series_already_done == 1
+    slices = pq.read_table(out / "slices").to_pylist()
+    series = pq.read_table(out / "series").to_pylist()
+    assert sorted(s["series_uid"] for s in series) == [STUDY + ".30", STUDY + ".31"]
+    grown = [r for r in slices if r["series_uid"] == STUDY + ".30"]
+    assert len(grown) == len(levels) + len(keep)
+    assert len({r["sop_uid"] for r in grown}) == len(grown)
+    assert sorted(r["slice_index"] for r in grown) == list(range(len(grown)))
+    assert len([r for r in slices if r["series_uid"] == STUDY + ".31"]) == 30
+
+
+def test_second_run_into_a_locked_directory_is_refused(tmp_path: Path, series_dir: Path, model_path: Path) -> None:
+    from spinelevel.engine.state import OutputLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with OutputLock(out):
+        with pytest.raises(OutputError, match="another spinelevel run"):
+            run([series_dir], model_path, out, RunOptions(workers=0))
+    run([series_dir], model_path, out, RunOptions(workers=0))  # released
 
 
 def test_unwritable_output_is_a_clear_error(tmp_path: Path, series_dir: Path, model_path: Path) -> None:

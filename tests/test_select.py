@@ -83,8 +83,9 @@ def test_series_skips_carry_reasons(kw: dict, reason: str) -> None:
     (skip,) = sel.skipped_series
     assert reason in skip.reason
     assert skip.n_files == len(files)
-    assert len(sel.skipped_files) == len(files)
-    assert all(reason in f.reason for f in sel.skipped_files)
+    assert not sel.skipped_files  # they belong to the skipped series
+    assert len(skip.files) == len(files)
+    assert all(reason in f.reason for f in skip.files)
 
 
 def test_min_slices_option() -> None:
@@ -100,7 +101,7 @@ def test_duplicate_positions_keep_one_and_flag() -> None:
     (plan,) = sel.plans
     assert len(plan.slices) == 12
     assert "duplicate_positions" in plan.flags
-    (dropped,) = sel.skipped_files
+    (dropped,) = plan.dropped
     assert "duplicate slice position" in dropped.reason
 
 
@@ -109,7 +110,7 @@ def test_duplicate_sop_instance_is_read_once() -> None:
     twin = header(3, -7.5, source=Source("/archive.zip", "zip", "x/f003"))
     sel = select_series(files + [twin])
     assert len(sel.plans[0].slices) == 12
-    assert "duplicate SOPInstanceUID" in sel.skipped_files[0].reason
+    assert "duplicate SOPInstanceUID" in sel.plans[0].dropped[0].reason
 
 
 def test_inconsistent_spacing_and_size_are_dropped_not_mixed() -> None:
@@ -120,7 +121,7 @@ def test_inconsistent_spacing_and_size_are_dropped_not_mixed() -> None:
     (plan,) = sel.plans
     assert len(plan.slices) == 12
     assert "dropped_inconsistent_slices" in plan.flags
-    reasons = sorted(f.reason for f in sel.skipped_files)
+    reasons = sorted(f.reason for f in plan.dropped)
     assert any("pixel spacing" in r for r in reasons) and any("image size 256x256" in r for r in reasons)
 
 
@@ -130,7 +131,7 @@ def test_broken_geometry_files_are_dropped_with_reason() -> None:
     files.append(header(51, -102.0, geometry_problem="ImagePositionPatient holds NaN or infinite values", position=None))
     sel = select_series(files)
     assert len(sel.plans[0].slices) == 12
-    reasons = " | ".join(f.reason for f in sel.skipped_files)
+    reasons = " | ".join(f.reason for f in sel.plans[0].dropped)
     assert "missing ImagePositionPatient" in reasons and "NaN" in reasons
 
 

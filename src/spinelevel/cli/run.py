@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from spinelevel.cli import app
-from spinelevel.cli._common import fail_cleanly, setup_logging, stderr
+from spinelevel.cli._common import fail_cleanly, setup_logging, stderr, terminate_as_interrupt
 
 
 class Sampling(str, Enum):
@@ -84,7 +84,7 @@ def run(
     min_slices: Annotated[int, typer.Option("--min-slices", min=1, help="Skip series with fewer slices.")] = 10,
     sampling: Annotated[Sampling, typer.Option("--sampling", help="Slices the model sees: full (all), sparse (boundary search), auto (sparse on CPU, full on GPU).")] = Sampling.auto,
     stride_mm: Annotated[float, typer.Option("--stride-mm", min=1.0, help="Coarse stride of the sparse search in mm.")] = 20.0,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the results of an earlier run in --out.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Redo every series, replacing the rows earlier runs wrote into --out (default: resume, skipping series already done).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
@@ -100,18 +100,18 @@ def run(
         batch_size=batch_size,
         threads=threads,
         workers=(os.cpu_count() or 1) if workers is None else workers,
-        overwrite=overwrite,
+        force=force,
         select=SelectOptions(min_slices=min_slices),
         sampling=SamplingOptions(mode=sampling.value, stride_mm=stride_mm),
     )
     show = not quiet and stderr.is_terminal
-    with fail_cleanly(), _RichProgress(show) as progress:
+    with fail_cleanly(), terminate_as_interrupt(), _RichProgress(show) as progress:
         summary = run_pipeline(paths, model, out, options, progress)
     if not quiet:
-        total = summary.series_ok + summary.series_skipped + summary.series_error
+        total = summary.series_ok + summary.series_skipped + summary.series_error + summary.series_already_done
         stderr.print(
             f"{total} series: {summary.series_ok} processed, {summary.series_skipped} skipped, "
-            f"{summary.series_error} failed; {summary.slices} slices in {summary.seconds:.1f} s "
+            f"{summary.series_error} failed, {summary.series_already_done} already done; {summary.slices} slices in {summary.seconds:.1f} s "
             f"({summary.slices_per_s:.1f} slices/s); {summary.skipped_files} files skipped; results in {summary.out}"
         )
     sys.stdout.flush()

@@ -14,7 +14,7 @@ import logging
 import os
 import platform
 import secrets
-import shutil
+import json
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -29,13 +29,14 @@ from spinelevel.engine.backends import Backend, BackendOptions, default_backend,
 from spinelevel.engine.preprocess import PreprocessSpec
 from spinelevel.engine.sampling import SamplingOptions, SeriesSampler, resolve_mode
 from spinelevel.engine.scan import FileHeader, ScanOptions, SkippedFile, scan_paths
-from spinelevel.engine.select import SelectOptions, SeriesPlan, select_series
+from spinelevel.engine.select import SelectOptions, SeriesPlan, SeriesSkip, select_series
 from spinelevel.engine.workers import DecodePool, DecodeTask, Prepared
-from spinelevel.engine.writer import DATASETS, RunWriter, SeriesResult, write_json_atomic
+from spinelevel.engine.state import OutputLock, load_state, remove_series, series_key, write_commit
+from spinelevel.engine.writer import RunWriter, SeriesResult, write_json_atomic
 from spinelevel.errors import InputError, OutputError
 from spinelevel.levels import LevelThresholds, l3_definition, label_series
 
-__all__ = ["RunOptions", "RunProgress", "RunSummary", "run", "prepare_output_dir"]
+__all__ = ["RunOptions", "RunProgress", "RunSummary", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,8 @@ class RunOptions:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     # Slices per decode task handed to a worker.
     chunk_slices: int = 4
-    # Replace the results of an earlier run in the output directory.
-    overwrite: bool = False
+    # Redo every series, replacing what earlier runs wrote into the output directory.
+    force: bool = False
     # File and archive limits of the scan.
     scan: ScanOptions = field(default_factory=ScanOptions)
     # Which series are classified.
@@ -102,6 +103,8 @@ class RunSummary:
     slices: int
     skipped_files: int
     seconds: float
+    # Series found complete in the output directory and not redone.
+    series_already_done: int = 0
 
     @property
     def slices_per_s(self) -> float:
@@ -257,11 +260,11 @@ class _Scheduler:
         )
 
 
-def _write_series(writer: RunWriter, plan: SeriesPlan, result: SeriesResult | None, failures: dict[int, str], options: RunOptions) -> None:
-    for index, reason in sorted(failures.items()):
-        writer.add_skipped(plan.slices[index].source.label, reason)
+def _write_series(writer: RunWriter, plan: SeriesPlan, key: str, result: SeriesResult | None, failures: dict[int, str], options: RunOptions) -> None:
+    skipped = [(f.source.label, f.reason) for f in plan.dropped]
+    skipped += [(plan.slices[i].source.label, reason) for i, reason in sorted(failures.items())]
     if result is not None:
-        writer.add_result(result)
+        writer.add_result(result, key, skipped)
         return
     ok = len(plan.slices) - len(failures)
     writer.add_series_status(
@@ -271,6 +274,8 @@ def _write_series(writer: RunWriter, plan: SeriesPlan, result: SeriesResult | No
         f"only {ok} of {len(plan.slices)} slices could be decoded (--min-slices {options.select.min_slices}); "
         "see skipped for each file",
         len(plan.slices),
+        key,
+        skipped,
         plan.flags,
     )
 
@@ -278,30 +283,38 @@ def _write_series(writer: RunWriter, plan: SeriesPlan, result: SeriesResult | No
 # -- the run -----------------------------------------------------------------------------------
 
 
-def prepare_output_dir(out: Path, overwrite: bool) -> None:
-    """Create ``out``; refuse to mix with an earlier run's results unless ``overwrite``.
-
-    Only spinelevel's own datasets and manifest are removed on overwrite.
-    """
+def _output_dir(out: Path) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a directory")
-    existing = [name for name in (*DATASETS, "run.json") if (out / name).exists()]
-    if existing and not overwrite:
-        raise OutputError(
-            f"{out}: already holds the results of an earlier run ({', '.join(existing)}); "
-            "choose another --out or pass --overwrite to replace them"
-        )
-    for name in existing:
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        else:
-            target.unlink()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"{out}: cannot create the output directory ({exc.strerror or exc})") from None
+    return out
+
+
+def _load_manifest(out: Path) -> dict:
+    path = out / "run.json"
+    fresh = {"format": "spinelevel.run/1", "runs": []}
+    if not path.is_file():
+        return fresh
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        log.warning("%s is unreadable; starting a new run history", path)
+        return fresh
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("runs"), list):
+        return fresh
+    return manifest
+
+
+def _plan_key(model_sha: str, plan: SeriesPlan) -> str:
+    return series_key(model_sha, "classify", [s.sop_uid for s in plan.slices] + [f.source.label for f in plan.dropped])
+
+
+def _skip_key(model_sha: str, skip: SeriesSkip) -> str:
+    return series_key(model_sha, "skip:" + skip.reason, [f.source.label for f in skip.files])
 
 
 def _versions() -> dict[str, str]:
@@ -350,8 +363,19 @@ def run(paths: list[Path], model: Path, out: Path, options: RunOptions = RunOpti
     backend = load_backend(backend_name, model, card, BackendOptions(max_batch=options.batch_size, threads=options.threads))
     model_sha = file_sha256(model)
     mode = resolve_mode(options.sampling.mode, gpu_backend=backend_name in _GPU_BACKENDS)
-    prepare_output_dir(out, options.overwrite)
-    writer = RunWriter(out, card.classes, run_id, model_sha, backend_name)
+    out = _output_dir(out)
+    with OutputLock(out):
+        return _run_locked(paths, model, out, options, progress, card, backend, backend_name, model_sha, mode, run_id, started, started_at)
+
+
+def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, progress: RunProgress, card: ModelCard, backend: Backend, backend_name: str, model_sha: str, mode: str, run_id: str, started: float, started_at: str) -> RunSummary:
+    state = load_state(out)
+    writer = RunWriter(state, card.classes, run_id, model_sha, backend_name)
+    if options.force and (state.parts or state.series):
+        removed = sorted(state.parts)
+        write_commit(state, run_id, {"removed": removed, "removed_series": sorted(state.series)})
+        for rel in removed:
+            (out / rel).unlink(missing_ok=True)
 
     manifest_run = {
         "run_id": run_id,
@@ -365,6 +389,7 @@ def run(paths: list[Path], model: Path, out: Path, options: RunOptions = RunOpti
             "batch_size": options.batch_size,
             "threads": options.threads,
             "workers": options.workers,
+            "force": options.force,
             "scan": asdict(options.scan),
             "select": asdict(options.select),
             "thresholds": asdict(options.thresholds),
@@ -373,10 +398,13 @@ def run(paths: list[Path], model: Path, out: Path, options: RunOptions = RunOpti
         "inputs": [str(p) for p in paths],
         "l3_definition": l3_definition(options.thresholds),
     }
-    manifest = {"format": "spinelevel.run/1", "runs": [manifest_run]}
+    manifest = _load_manifest(out)
+    manifest["runs"].append(manifest_run)
     write_json_atomic(out / "run.json", manifest)
 
     status = "failed"
+    already_done = 0
+    scheduler: _Scheduler | None = None
     try:
         items: list[FileHeader | SkippedFile] = []
         for item in scan_paths(paths, options.scan):
@@ -384,36 +412,52 @@ def run(paths: list[Path], model: Path, out: Path, options: RunOptions = RunOpti
             if len(items) % 200 == 0:
                 progress.scanned(len(items))
         progress.scanned(len(items))
+        seen = {item.source.label for item in items}
         selection = select_series(items, options.select)
         del items
+
+        plan_keys = {p.series_uid: _plan_key(model_sha, p) for p in selection.plans}
+        skip_keys = {s.series_uid: _skip_key(model_sha, s) for s in selection.skipped_series}
+        present = plan_keys | skip_keys
+        changed = {uid for uid, key in present.items() if uid in state.series and state.series[uid].key != key}
+        if changed:
+            log.info("%d series changed since they were done; their rows are replaced", len(changed))
+            remove_series(state, changed, run_id, writer.write_part)
+        already_done = sum(1 for uid in present if uid in state.series)
+
+        writer.add_loose([(f.source.label, f.reason) for f in selection.skipped_files], seen)
         for skip in selection.skipped_series:
-            writer.add_series_status(skip.study_uid, skip.series_uid, "skipped", skip.reason, skip.n_files)
-        for sf in selection.skipped_files:
-            writer.add_skipped(sf.source.label, sf.reason)
-        plans = list(selection.plans)
+            if skip.series_uid not in state.series:
+                writer.add_series_status(skip.study_uid, skip.series_uid, "skipped", skip.reason, skip.n_files, skip_keys[skip.series_uid], [(f.source.label, f.reason) for f in skip.files])
+        plans = [p for p in selection.plans if p.series_uid not in state.series]
         progress.planned(len(plans), sum(len(p.slices) for p in plans))
-        log.info("%d series to classify, %d skipped, %d files skipped", len(plans), len(selection.skipped_series), len(selection.skipped_files))
+        log.info("%d series to classify, %d already done, %d skipped", len(plans), already_done, len(selection.skipped_series))
 
         spec = PreprocessSpec.from_card(card)
         with DecodePool(options.workers) as pool:
             scheduler = _Scheduler(plans, backend, pool, spec, card.classes, options, mode)
             for plan, result, failures in scheduler:
-                _write_series(writer, plan, result, failures, options)
+                _write_series(writer, plan, plan_keys[plan.series_uid], result, failures, options)
                 progress.advanced(1, len(result.sop_uids) if result is not None else 0)
         writer.flush()
-        manifest_run["model_calls"] = scheduler.model_calls
         status = "complete"
     except KeyboardInterrupt:
         status = "interrupted"
-        writer.flush()
+        writer.flush()  # complete series waiting in the buffer are committed
         raise
     finally:
         backend.close()
         seconds = time.perf_counter() - started
-        manifest_run.update(status=status, finished=_now(), seconds=round(seconds, 3), counts=dict(writer.counts))
+        manifest_run.update(
+            status=status,
+            finished=_now(),
+            seconds=round(seconds, 3),
+            counts=dict(writer.counts, series_already_done=already_done),
+            model_calls=scheduler.model_calls if scheduler is not None else 0,
+        )
         try:
             write_json_atomic(out / "run.json", manifest)
         except OSError as exc:
             log.error("cannot write %s: %s", out / "run.json", exc)
     c = writer.counts
-    return RunSummary(run_id, Path(out), c["series_ok"], c["series_skipped"], c["series_error"], c["slices"], c["skipped_files"], seconds)
+    return RunSummary(run_id, out, c["series_ok"], c["series_skipped"], c["series_error"], c["slices"], c["skipped_files"], seconds, already_done)

@@ -70,6 +70,8 @@ class SeriesPlan:
     spacing_mm: float
     # Findings that do not stop classification (gantry_tilt, duplicate_positions, ...).
     flags: tuple[str, ...]
+    # Files of this series that were left out (duplicates, inconsistent or broken geometry).
+    dropped: tuple[SkippedFile, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,10 @@ class SeriesSkip:
     study_uid: str
     series_uid: str
     reason: str
-    # Files of the series (all are also listed as skipped files).
+    # Files met in the series.
     n_files: int
+    # One skip record per file of the series.
+    files: tuple[SkippedFile, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ class Selection:
 
     plans: tuple[SeriesPlan, ...]
     skipped_series: tuple[SeriesSkip, ...]
+    # Files that belong to no series (not DICOM, unreadable, no SeriesInstanceUID, ...).
     skipped_files: tuple[SkippedFile, ...]
 
 
@@ -104,8 +109,7 @@ def select_series(items: Iterable[FileHeader | SkippedFile], options: SelectOpti
     plans: list[SeriesPlan] = []
     skipped_series: list[SeriesSkip] = []
     for series_uid in sorted(groups):
-        plan, skip, dropped = _select_one(groups[series_uid], options)
-        skipped_files.extend(dropped)
+        plan, skip = _select_one(groups[series_uid], options)
         if plan is not None:
             plans.append(plan)
         if skip is not None:
@@ -155,14 +159,14 @@ def _difference(key: tuple, ref: tuple) -> str:
     return f"image size {key[2]}x{key[3]} differs from the rest of the series {ref[2]}x{ref[3]}"
 
 
-def _select_one(files: list[FileHeader], options: SelectOptions) -> tuple[SeriesPlan | None, SeriesSkip | None, list[SkippedFile]]:
+def _select_one(files: list[FileHeader], options: SelectOptions) -> tuple[SeriesPlan | None, SeriesSkip | None]:
     study_uid = Counter(f.study_uid for f in files).most_common(1)[0][0]
     series_uid = files[0].series_uid
     dropped: list[SkippedFile] = []
 
-    def skip_all(reason: str, members: list[FileHeader]) -> tuple[None, SeriesSkip, list[SkippedFile]]:
+    def skip_all(reason: str, members: list[FileHeader]) -> tuple[None, SeriesSkip]:
         dropped.extend(SkippedFile(f.source, f"series skipped: {reason}") for f in members)
-        return None, SeriesSkip(study_uid, series_uid, reason, len(files)), dropped
+        return None, SeriesSkip(study_uid, series_uid, reason, len(files), tuple(dropped))
 
     problem = _series_kind_problem(files)
     if problem:
@@ -191,8 +195,7 @@ def _select_one(files: list[FileHeader], options: SelectOptions) -> tuple[Series
         else:
             usable.append(f)
     if not usable:
-        reason = "no slice with usable geometry"
-        return None, SeriesSkip(study_uid, series_uid, reason, len(files)), dropped
+        return None, SeriesSkip(study_uid, series_uid, "no slice with usable geometry", len(files), tuple(dropped))
 
     # Slices must share orientation, spacing and size: keep the largest consistent group.
     by_key: dict[tuple, list[FileHeader]] = defaultdict(list)
@@ -263,5 +266,5 @@ def _select_one(files: list[FileHeader], options: SelectOptions) -> tuple[Series
     thickness = float(np.median(thicknesses)) if thicknesses else None
 
     slices = tuple(SliceRef(f.source, f.sop_uid, float(p[2]), f.transfer_syntax) for f, p in zip(ordered, positions))
-    plan = SeriesPlan(study_uid, series_uid, slices, thickness, spacing, tuple(sorted(flags)))
-    return plan, None, dropped
+    plan = SeriesPlan(study_uid, series_uid, slices, thickness, spacing, tuple(sorted(flags)), tuple(dropped))
+    return plan, None

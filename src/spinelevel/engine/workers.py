@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import signal
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -85,6 +86,11 @@ def prepare(task: DecodeTask) -> Prepared:
     return Prepared(task.key, tuple(ok), array, tuple(failures))
 
 
+def _ignore_sigint() -> None:
+    # Ctrl-C reaches the whole process group: the parent decides how to stop, not the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _crashed(task: DecodeTask) -> Prepared:
     return Prepared(task.key, (), _empty(task.spec), tuple((i, _CRASH_REASON) for i in task.indices))
 
@@ -157,7 +163,7 @@ class DecodePool:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         # spawn, not fork: the parent holds an inference runtime with its own threads.
-        self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"))
+        self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint)
 
     def close(self) -> None:
         """Stop the workers; queued tasks are dropped."""

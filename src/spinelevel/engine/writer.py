@@ -2,7 +2,9 @@
 
 Every part is written under a temporary dot-name, flushed to disk and renamed into place, so a reader
 (or a later run) never sees half a file; dot-names are ignored by Parquet dataset readers. Part names
-carry the run id, so parts of different runs never collide.
+carry the run id, so parts of different runs never collide. Each flush ends with a commit record
+(see ``state.py``); a series is never split across flushes, so a series is either committed whole or
+not at all.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from spinelevel.engine.state import OutputState, fsync_dir, write_commit
 from spinelevel.errors import OutputError
 from spinelevel.levels import SeriesLevels
 
@@ -119,8 +123,9 @@ class _Buffer:
 class RunWriter:
     """Buffers rows and writes them as Parquet parts of at most ``rows_per_part`` rows."""
 
-    def __init__(self, out: Path, classes: tuple[str, ...], run_id: str, model_sha256: str, backend: str, rows_per_part: int = 100_000) -> None:
-        self.out = Path(out)
+    def __init__(self, state: OutputState, classes: tuple[str, ...], run_id: str, model_sha256: str, backend: str, rows_per_part: int = 100_000) -> None:
+        self.state = state
+        self.out = Path(state.out)
         self.classes = tuple(classes)
         self.run_id = run_id
         self.model_sha256 = model_sha256
@@ -132,6 +137,8 @@ class RunWriter:
             "skipped": _Buffer(SKIPPED_SCHEMA),
         }
         self._seq = {name: 0 for name in DATASETS}
+        # Series entries waiting for the next commit.
+        self._entries: dict[str, dict[str, Any]] = {}
         self.counts = {"slices": 0, "series_ok": 0, "series_skipped": 0, "series_error": 0, "skipped_files": 0}
         for name in DATASETS:
             try:
@@ -147,8 +154,8 @@ class RunWriter:
 
     # -- rows -------------------------------------------------------------------------------
 
-    def add_result(self, r: SeriesResult) -> None:
-        """One classified series: its slice rows and its series row."""
+    def add_result(self, r: SeriesResult, key: str, skipped: list[tuple[str, str]] = ()) -> None:  # type: ignore[assignment]
+        """One classified series: its slice rows, its series row and its skipped files."""
         n = len(r.sop_uids)
         buf = self._buffers["slices"]
         cols = buf.columns
@@ -185,10 +192,11 @@ class RunWriter:
         )
         self.counts["slices"] += n
         self.counts["series_ok"] += 1
+        self._attach(r.series_uid, key, "ok", skipped)
         self._maybe_flush()
 
-    def add_series_status(self, study_uid: str, series_uid: str, status: str, reason: str, n_slices: int, flags: tuple[str, ...] = ()) -> None:
-        """A series met but not classified ('skipped') or failed ('error')."""
+    def add_series_status(self, study_uid: str, series_uid: str, status: str, reason: str, n_slices: int, key: str, skipped: list[tuple[str, str]] = (), flags: tuple[str, ...] = ()) -> None:  # type: ignore[assignment]
+        """A series met but not classified ('skipped') or failed ('error'), with its skipped files."""
         assert status in ("skipped", "error")
         self._series_row(
             study_uid=study_uid,
@@ -207,16 +215,53 @@ class RunWriter:
             n_evaluated=0,
         )
         self.counts[f"series_{status}"] += 1
+        self._attach(series_uid, key, status, skipped)
         self._maybe_flush()
 
-    def add_skipped(self, source: str, reason: str) -> None:
-        """A file that is not part of a classified series."""
+    def add_loose(self, skipped: list[tuple[str, str]], seen: set[str]) -> None:
+        """Files of this run that belong to no series.
+
+        Loose rows of earlier runs whose file this run met again (``seen``: every source scanned) are
+        replaced; rows of files this run did not see are kept, so runs over different folders add up.
+        """
+        self.flush()  # commit buffered series first: the loose part must hold loose rows only
+        removed: list[str] = []
+        added: list[str] = []
+        for rel in sorted(self.state.loose_parts):
+            try:
+                table = pq.read_table(self.out / rel)
+            except (OSError, pa.ArrowException) as exc:
+                raise OutputError(f"{self.out / rel}: cannot read committed part ({exc})") from None
+            mask = pc.is_in(table["source"], value_set=pa.array(sorted(seen), pa.string()))
+            if pc.any(mask).as_py():
+                removed.append(rel)
+                kept = table.filter(pc.invert(mask))
+                if kept.num_rows:
+                    added.append(self.write_part("skipped", kept))
+        for source, reason in skipped:
+            self._skipped_row(source, reason)
+        buf = self._buffers["skipped"]
+        if buf.rows:
+            added.append(self.write_part("skipped", pa.table(buf.columns, schema=buf.schema)))
+            self._buffers["skipped"] = _Buffer(buf.schema)
+        write_commit(self.state, self.run_id, {"added": added, "loose": added, "removed": removed})
+        for rel in removed:
+            try:
+                (self.out / rel).unlink()
+            except OSError:
+                pass
+
+    def _attach(self, series_uid: str, key: str, status: str, skipped: list[tuple[str, str]]) -> None:
+        for source, reason in skipped:
+            self._skipped_row(source, reason)
+        self._entries[series_uid] = {"key": key, "status": status, "skipped_sources": sorted({s for s, _ in skipped})}
+
+    def _skipped_row(self, source: str, reason: str) -> None:
         buf = self._buffers["skipped"]
         buf.columns["source"].append(source)
         buf.columns["reason"].append(reason)
         buf.rows += 1
         self.counts["skipped_files"] += 1
-        self._maybe_flush()
 
     def _series_row(self, **row: Any) -> None:
         row.update(model_sha256=self.model_sha256, backend=self.backend)
@@ -232,16 +277,21 @@ class RunWriter:
             self.flush()
 
     def flush(self) -> None:
-        """Write every non-empty buffer as a part. Series rows go last, after their slices."""
+        """Write every non-empty buffer as a part, then commit them with the series they hold."""
+        if not any(b.rows for b in self._buffers.values()) and not self._entries:
+            return
+        added: list[str] = []
         for name in ("slices", "skipped", "series"):
             buf = self._buffers[name]
             if buf.rows == 0:
                 continue
-            table = pa.table(buf.columns, schema=buf.schema)
-            self._write_part(name, table)
+            added.append(self.write_part(name, pa.table(buf.columns, schema=buf.schema)))
             self._buffers[name] = _Buffer(buf.schema)
+        write_commit(self.state, self.run_id, {"added": added, "series": self._entries})
+        self._entries = {}
 
-    def _write_part(self, dataset: str, table: pa.Table) -> None:
+    def write_part(self, dataset: str, table: pa.Table) -> str:
+        """Write one part atomically; returns its path relative to the output directory."""
         seq = self._seq[dataset]
         self._seq[dataset] += 1
         final = self.out / dataset / f"part-{self.run_id}-{seq:05d}.parquet"
@@ -252,6 +302,7 @@ class RunWriter:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
+            fsync_dir(final.parent)
         except OSError as exc:
             try:
                 tmp.unlink()
@@ -259,3 +310,4 @@ class RunWriter:
                 pass
             raise OutputError(f"{final}: cannot write Parquet part ({exc.strerror or exc}); parts already written stay readable") from None
         log.debug("wrote %s (%d rows)", final, table.num_rows)
+        return f"{dataset}/{final.name}"
