@@ -85,6 +85,7 @@ def run(
     sampling: Annotated[Sampling, typer.Option("--sampling", help="Slices the model sees: full (all), sparse (boundary search), auto (sparse on CPU, full on GPU).")] = Sampling.auto,
     stride_mm: Annotated[float, typer.Option("--stride-mm", min=1.0, help="Coarse stride of the sparse search in mm.")] = 20.0,
     force: Annotated[bool, typer.Option("--force", help="Redo every series, replacing the rows earlier runs wrote into --out (default: resume, skipping series already done).")] = False,
+    rows_per_part: Annotated[int, typer.Option("--rows-per-part", min=1, help="Slice rows per Parquet part; results are committed at least this often.")] = 100_000,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
@@ -101,6 +102,7 @@ def run(
         threads=threads,
         workers=(os.cpu_count() or 1) if workers is None else workers,
         force=force,
+        rows_per_part=rows_per_part,
         select=SelectOptions(min_slices=min_slices),
         sampling=SamplingOptions(mode=sampling.value, stride_mm=stride_mm),
     )

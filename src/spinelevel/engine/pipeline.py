@@ -60,6 +60,8 @@ class RunOptions:
     chunk_slices: int = 4
     # Redo every series, replacing what earlier runs wrote into the output directory.
     force: bool = False
+    # Rows buffered before a Parquet part is written and committed (what a crash can cost).
+    rows_per_part: int = 100_000
     # File and archive limits of the scan.
     scan: ScanOptions = field(default_factory=ScanOptions)
     # Which series are classified.
@@ -346,6 +348,8 @@ def run(paths: list[Path], model: Path, out: Path, options: RunOptions = RunOpti
         raise InputError(f"--batch-size must be at least 1, got {options.batch_size}")
     if options.workers < 0:
         raise InputError(f"--workers must be 0 or more, got {options.workers}")
+    if options.rows_per_part < 1:
+        raise InputError(f"--rows-per-part must be at least 1, got {options.rows_per_part}")
     if options.select.min_slices < 1:
         raise InputError(f"--min-slices must be at least 1, got {options.select.min_slices}")
     paths = [Path(p) for p in paths]
@@ -370,7 +374,7 @@ def run(paths: list[Path], model: Path, out: Path, options: RunOptions = RunOpti
 
 def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, progress: RunProgress, card: ModelCard, backend: Backend, backend_name: str, model_sha: str, mode: str, run_id: str, started: float, started_at: str) -> RunSummary:
     state = load_state(out)
-    writer = RunWriter(state, card.classes, run_id, model_sha, backend_name)
+    writer = RunWriter(state, card.classes, run_id, model_sha, backend_name, rows_per_part=options.rows_per_part)
     if options.force and (state.parts or state.series):
         removed = sorted(state.parts)
         write_commit(state, run_id, {"removed": removed, "removed_series": sorted(state.series)})
