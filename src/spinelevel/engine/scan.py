@@ -94,7 +94,8 @@ def scan_paths(paths: Iterable[Path | str], options: ScanOptions = ScanOptions()
     from spinelevel.errors import InputError
 
     for raw in paths:
-        path = Path(raw)
+        # Absolute, so that sources (and resume keys) do not depend on the working directory.
+        path = Path(raw).absolute()
         if not os.path.lexists(path):
             raise InputError(f"{path}: no such file or directory")
         if path.is_dir():
