@@ -17,15 +17,16 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    # Each command module adds itself to `app` when imported.
-    from spinelevel.cli import card as _card  # noqa: F401
+    # Each command module adds itself to `app` when imported; heavy imports stay inside commands.
     from spinelevel.cli import run as _run  # noqa: F401
-    import importlib
-    import importlib.util
-
-    # phantom arrives with its own module; until then the command is simply absent.
-    if importlib.util.find_spec("spinelevel.cli.phantom") is not None:
-        importlib.import_module("spinelevel.cli.phantom")
+    from spinelevel.cli import phantom as _phantom  # noqa: F401
+    from spinelevel.cli import train as _train  # noqa: F401
+    from spinelevel.cli import export as _export  # noqa: F401
+    from spinelevel.cli import evaluate as _evaluate  # noqa: F401
+    from spinelevel.cli import build as _build  # noqa: F401
+    from spinelevel.cli import selftest as _selftest  # noqa: F401
+    from spinelevel.cli import bench as _bench  # noqa: F401
+    from spinelevel.cli import card as _card  # noqa: F401
 
 
 _register()

@@ -409,7 +409,9 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
     status = "failed"
     already_done = 0
     scheduler: _Scheduler | None = None
+    pool = DecodePool(options.workers)
     try:
+        pool.start()  # workers import their decoders while the scan runs
         items: list[FileHeader | SkippedFile] = []
         for item in scan_paths(paths, options.scan):
             items.append(item)
@@ -438,11 +440,10 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
         log.info("%d series to classify, %d already done, %d skipped", len(plans), already_done, len(selection.skipped_series))
 
         spec = PreprocessSpec.from_card(card)
-        with DecodePool(options.workers) as pool:
-            scheduler = _Scheduler(plans, backend, pool, spec, card.classes, options, mode)
-            for plan, result, failures in scheduler:
-                _write_series(writer, plan, plan_keys[plan.series_uid], result, failures, options)
-                progress.advanced(1, len(result.sop_uids) if result is not None else 0)
+        scheduler = _Scheduler(plans, backend, pool, spec, card.classes, options, mode)
+        for plan, result, failures in scheduler:
+            _write_series(writer, plan, plan_keys[plan.series_uid], result, failures, options)
+            progress.advanced(1, len(result.sop_uids) if result is not None else 0)
         writer.flush()
         status = "complete"
     except KeyboardInterrupt:
@@ -450,6 +451,7 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
         writer.flush()  # complete series waiting in the buffer are committed
         raise
     finally:
+        pool.close()
         backend.close()
         seconds = time.perf_counter() - started
         manifest_run.update(

@@ -88,10 +88,11 @@ def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return x
     y0, y1, wy = _axis_weights(h_in, h_out)
     x0, x1, wx = _axis_weights(w_in, w_out)
-    top = x[..., y0, :]
-    rows = top + (x[..., y1, :] - top) * wy[:, None]
-    left = rows[..., x0]
-    return left + (rows[..., x1] - left) * wx
+    # np.take is faster than fancy indexing for these gathers
+    top = np.take(x, y0, axis=-2)
+    rows = top + (np.take(x, y1, axis=-2) - top) * wy[:, None]
+    left = np.take(rows, x0, axis=-1)
+    return left + (np.take(rows, x1, axis=-1) - left) * wx
 
 
 def preprocess_slice(hu: np.ndarray, spec: PreprocessSpec) -> np.ndarray:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -86,6 +87,16 @@ def prepare(task: DecodeTask) -> Prepared:
     return Prepared(task.key, tuple(ok), array, tuple(failures))
 
 
+def _warm_up() -> int:
+    """Import the decoders in a worker, and stay busy long enough that every worker gets one."""
+    import time
+
+    import pydicom.pixels  # noqa: F401
+
+    time.sleep(0.2)
+    return os.getpid()
+
+
 def _ignore_sigint() -> None:
     # Ctrl-C reaches the whole process group: the parent decides how to stop, not the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -111,6 +122,17 @@ class DecodePool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def start(self, wait: bool = False) -> None:
+        """Start every worker now (imports overlap with the caller's work unless ``wait``)."""
+        if self.workers <= 1:
+            return
+        if self._pool is None:
+            self._restart()
+        warm = [self._pool.submit(_warm_up) for _ in range(self.workers)]  # type: ignore[union-attr]
+        if wait:
+            for future in warm:
+                future.result()
 
     def submit(self, task: DecodeTask) -> None:
         """Queue a task (it starts when a slot in flight is free)."""
