@@ -1,0 +1,36 @@
+"""The benchmark harness runs and reports what it claims (tiny sizes; no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from spinelevel.bench.decode import bench_decode
+from spinelevel.bench.end_to_end import bench_full_vs_sparse, phantom_archive
+from spinelevel.bench.machine import describe_machine
+
+
+def test_machine_description() -> None:
+    m = describe_machine()
+    assert m["cores"] >= 1 and m["python"] and "numpy" in m["versions"]
+
+
+def test_decode_bench_reports_every_codec(tmp_path: Path) -> None:
+    result = bench_decode(tmp_path, size=64, slices=6, input_size=32, workers=2)
+    assert set(result["codecs"]) == {"none", "rle", "jpeg2000", "jpegls"}
+    for row in result["codecs"].values():
+        assert row["slices"] == 6
+        assert row["engine_slices_per_s"] > 0 and row["naive_slices_per_s"] > 0
+        assert row["speedup"] > 0 and row["speedup_one_process"] > 0
+
+
+def test_end_to_end_bench_compares_full_and_sparse(tmp_path: Path, model_path: Path) -> None:
+    archive = phantom_archive(tmp_path, 1, 64, coverage="lumbar", thickness_mm=2.5, localizer_probability=0.0, dose_report_probability=0.0, second_recon_probability=0.0)
+    result = bench_full_vs_sparse(archive, model_path, tmp_path, workers=0)
+    json.dumps(result)
+    full, sparse = result["full"], result["sparse"]
+    assert full["slices"] == sparse["slices"] > 0
+    assert full["evaluated_slices"] == full["slices"]
+    assert sparse["evaluated_slices"] <= full["evaluated_slices"]
+    assert full["peak_rss_mib"] > 10
+    assert 0 <= result["agreement"]["slice_level_agreement"] <= 1
