@@ -85,6 +85,9 @@ def run(
     sampling: Annotated[Sampling, typer.Option("--sampling", help="Slices the model sees: full (all), sparse (boundary search), auto (sparse on CPU, full on GPU).")] = Sampling.auto,
     stride_mm: Annotated[float, typer.Option("--stride-mm", min=1.0, help="Coarse stride of the sparse search in mm.")] = 20.0,
     force: Annotated[bool, typer.Option("--force", help="Redo every series, replacing the rows earlier runs wrote into --out (default: resume, skipping series already done).")] = False,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="Skip slices with more pixels (Rows x Columns).")] = 4096 * 4096,
+    max_slices: Annotated[int, typer.Option("--max-slices", min=1, help="Skip series with more slices.")] = 5000,
+    keep_phi: Annotated[list[str] | None, typer.Option("--keep-phi", help="Copy this DICOM tag (keyword, e.g. PatientID) into the series table; repeat for more. Off by default: outputs carry no patient identity.")] = None,
     rows_per_part: Annotated[int, typer.Option("--rows-per-part", min=1, help="Slice rows per Parquet part; results are committed at least this often.")] = 100_000,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
@@ -93,6 +96,7 @@ def run(
     from spinelevel.engine.pipeline import RunOptions
     from spinelevel.engine.pipeline import run as run_pipeline
     from spinelevel.engine.sampling import SamplingOptions
+    from spinelevel.engine.scan import ScanOptions
     from spinelevel.engine.select import SelectOptions
 
     setup_logging(verbose)
@@ -103,7 +107,8 @@ def run(
         workers=(os.cpu_count() or 1) if workers is None else workers,
         force=force,
         rows_per_part=rows_per_part,
-        select=SelectOptions(min_slices=min_slices),
+        select=SelectOptions(min_slices=min_slices, max_pixels=max_pixels, max_slices=max_slices),
+        scan=ScanOptions(keep_tags=tuple(keep_phi or ())),
         sampling=SamplingOptions(mode=sampling.value, stride_mm=stride_mm),
     )
     show = not quiet and stderr.is_terminal

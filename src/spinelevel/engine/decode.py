@@ -121,4 +121,5 @@ def _read_hu(src: Source, max_bytes: int) -> tuple[np.ndarray, str]:
     except DecodeError:
         raise
     except Exception as exc:  # a malformed element surfaces on access
-        raise DecodeError(f"malformed DICOM element ({type(exc).__name__}: {_first_line(exc)})") from None
+        # the exception text may quote element values (patient data): name its type only
+        raise DecodeError(f"malformed DICOM element ({type(exc).__name__})") from None

@@ -259,6 +259,7 @@ class _Scheduler:
             levels=levels,
             slice_thickness_mm=plan.slice_thickness_mm,
             flags=tuple(sorted(flags)),
+            kept=plan.kept,
         )
 
 
@@ -279,6 +280,7 @@ def _write_series(writer: RunWriter, plan: SeriesPlan, key: str, result: SeriesR
         key,
         skipped,
         plan.flags,
+        plan.kept,
     )
 
 
@@ -374,7 +376,7 @@ def run(paths: list[Path], model: Path, out: Path, options: RunOptions = RunOpti
 
 def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, progress: RunProgress, card: ModelCard, backend: Backend, backend_name: str, model_sha: str, mode: str, run_id: str, started: float, started_at: str) -> RunSummary:
     state = load_state(out)
-    writer = RunWriter(state, card.classes, run_id, model_sha, backend_name, rows_per_part=options.rows_per_part)
+    writer = RunWriter(state, card.classes, run_id, model_sha, backend_name, rows_per_part=options.rows_per_part, keep_tags=options.scan.keep_tags)
     if options.force and (state.parts or state.series):
         removed = sorted(state.parts)
         write_commit(state, run_id, {"removed": removed, "removed_series": sorted(state.series)})
@@ -434,7 +436,7 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
         writer.add_loose([(f.source.label, f.reason) for f in selection.skipped_files], seen)
         for skip in selection.skipped_series:
             if skip.series_uid not in state.series:
-                writer.add_series_status(skip.study_uid, skip.series_uid, "skipped", skip.reason, skip.n_files, skip_keys[skip.series_uid], [(f.source.label, f.reason) for f in skip.files])
+                writer.add_series_status(skip.study_uid, skip.series_uid, "skipped", skip.reason, skip.n_files, skip_keys[skip.series_uid], [(f.source.label, f.reason) for f in skip.files], (), skip.kept)
         plans = [p for p in selection.plans if p.series_uid not in state.series]
         progress.planned(len(plans), sum(len(p.slices) for p in plans))
         log.info("%d series to classify, %d already done, %d skipped", len(plans), already_done, len(selection.skipped_series))

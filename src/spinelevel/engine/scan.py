@@ -38,6 +38,8 @@ class ScanOptions:
     max_compression_ratio: float = 1000.0
     # Most members read from one archive.
     max_archive_members: int = 5_000_000
+    # DICOM keywords copied into the series table on request (--keep-phi); none by default.
+    keep_tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +77,8 @@ class FileHeader:
     frames: int
     # What was wrong with the geometry tags, "" when they are usable.
     geometry_problem: str
+    # (keyword, value) of the tags the user asked to keep (ScanOptions.keep_tags).
+    kept: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +95,13 @@ def scan_paths(paths: Iterable[Path | str], options: ScanOptions = ScanOptions()
     Raises:
         InputError: a path given by the user does not exist.
     """
+    from pydicom.datadict import tag_for_keyword
+
     from spinelevel.errors import InputError
 
+    unknown = [kw for kw in options.keep_tags if tag_for_keyword(kw) is None]
+    if unknown:
+        raise InputError(f"--keep-phi {', '.join(unknown)}: not a DICOM keyword (for example PatientID, AccessionNumber)")
     for raw in paths:
         # Absolute, so that sources (and resume keys) do not depend on the working directory.
         path = Path(raw).absolute()
@@ -155,7 +164,7 @@ def _scan_file(path: Path, options: ScanOptions) -> Iterator[FileHeader | Skippe
         if st.st_size > options.max_file_bytes:
             yield SkippedFile(src, f"file is {st.st_size} bytes, over the {options.max_file_bytes}-byte limit")
             return
-        yield _read_header_path(src)
+        yield _read_header_path(src, options.keep_tags)
         return
     if _is_zip(path):
         yield from _scan_zip(path, options)
@@ -166,7 +175,7 @@ def _scan_file(path: Path, options: ScanOptions) -> Iterator[FileHeader | Skippe
     if st.st_size > options.max_file_bytes:
         yield SkippedFile(src, "not a DICOM file (no DICM marker) and too large to probe")
         return
-    yield _read_header_path(src)
+    yield _read_header_path(src, options.keep_tags)
 
 
 def _is_zip(path: Path) -> bool:
@@ -210,7 +219,7 @@ def _scan_zip(path: Path, options: ScanOptions) -> Iterator[FileHeader | Skipped
                 continue
             try:
                 with zf.open(info) as fh:
-                    yield _read_header_stream(src, fh)
+                    yield _read_header_stream(src, fh, options.keep_tags)
             except Exception as exc:  # corrupt member, bad CRC, encrypted, unsupported method
                 yield SkippedFile(src, f"unreadable archive member ({type(exc).__name__}: {exc})")
 
@@ -255,18 +264,18 @@ def _scan_tar(path: Path, options: ScanOptions) -> Iterator[FileHeader | Skipped
             except (tarfile.TarError, OSError, EOFError) as exc:
                 yield SkippedFile(src, f"unreadable archive member ({exc})")
                 continue
-            yield _read_header_stream(src, io.BytesIO(data))
+            yield _read_header_stream(src, io.BytesIO(data), options.keep_tags)
 
 
-def _read_header_path(src: Source) -> FileHeader | SkippedFile:
+def _read_header_path(src: Source, keep: tuple[str, ...] = ()) -> FileHeader | SkippedFile:
     try:
         with open(src.path, "rb") as fh:
-            return _read_header_stream(src, fh)
+            return _read_header_stream(src, fh, keep)
     except OSError as exc:
         return SkippedFile(src, f"cannot read: {_os_reason(exc)}")
 
 
-def _read_header_stream(src: Source, fh: IO[bytes]) -> FileHeader | SkippedFile:
+def _read_header_stream(src: Source, fh: IO[bytes], keep: tuple[str, ...] = ()) -> FileHeader | SkippedFile:
     start = fh.tell()
     head = fh.read(262)
     fh.seek(start)
@@ -279,10 +288,10 @@ def _read_header_stream(src: Source, fh: IO[bytes]) -> FileHeader | SkippedFile:
     # pydicom warns about odd values and quotes them: that text may hold patient data.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _parse_header(src, fh, start)
+        return _parse_header(src, fh, start, keep)
 
 
-def _parse_header(src: Source, fh: IO[bytes], start: int) -> FileHeader | SkippedFile:
+def _parse_header(src: Source, fh: IO[bytes], start: int, keep: tuple[str, ...]) -> FileHeader | SkippedFile:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -299,7 +308,7 @@ def _parse_header(src: Source, fh: IO[bytes], start: int) -> FileHeader | Skippe
     except Exception as exc:
         return SkippedFile(src, f"DICOM header is unreadable ({type(exc).__name__})")
     try:
-        return _header_from_dataset(src, ds, forced)
+        return _header_from_dataset(src, ds, forced, keep)
     except Exception as exc:  # a malformed element surfaces only when accessed
         reason = "not a DICOM file" if forced else f"DICOM header is unreadable ({type(exc).__name__})"
         return SkippedFile(src, reason)
@@ -329,7 +338,7 @@ def _floats(ds, keyword: str, n: int) -> tuple[tuple[float, ...] | None, str]:  
     return tuple(values), ""
 
 
-def _header_from_dataset(src: Source, ds, forced: bool) -> FileHeader | SkippedFile:  # noqa: ANN001
+def _header_from_dataset(src: Source, ds, forced: bool, keep: tuple[str, ...] = ()) -> FileHeader | SkippedFile:  # noqa: ANN001
     meta = getattr(ds, "file_meta", None)
     sop_class = _text(ds, "SOPClassUID") or (_text(meta, "MediaStorageSOPClassUID") if meta else "")
     if sop_class == _DICOMDIR_UID or "DirectoryRecordSequence" in ds:
@@ -394,4 +403,5 @@ def _header_from_dataset(src: Source, ds, forced: bool) -> FileHeader | SkippedF
         slice_thickness=thickness[0] if thickness else None,
         frames=frames,
         geometry_problem="; ".join(problems),
+        kept=tuple((kw, _text(ds, kw)) for kw in keep),
     )

@@ -72,6 +72,8 @@ class SeriesPlan:
     flags: tuple[str, ...]
     # Files of this series that were left out (duplicates, inconsistent or broken geometry).
     dropped: tuple[SkippedFile, ...] = ()
+    # Tags kept on request (--keep-phi), as (keyword, value).
+    kept: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,8 @@ class SeriesSkip:
     n_files: int
     # One skip record per file of the series.
     files: tuple[SkippedFile, ...] = ()
+    # Tags kept on request (--keep-phi), as (keyword, value).
+    kept: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -162,11 +166,12 @@ def _difference(key: tuple, ref: tuple) -> str:
 def _select_one(files: list[FileHeader], options: SelectOptions) -> tuple[SeriesPlan | None, SeriesSkip | None]:
     study_uid = Counter(f.study_uid for f in files).most_common(1)[0][0]
     series_uid = files[0].series_uid
+    phi = Counter(f.kept for f in files).most_common(1)[0][0]
     dropped: list[SkippedFile] = []
 
     def skip_all(reason: str, members: list[FileHeader]) -> tuple[None, SeriesSkip]:
         dropped.extend(SkippedFile(f.source, f"series skipped: {reason}") for f in members)
-        return None, SeriesSkip(study_uid, series_uid, reason, len(files), tuple(dropped))
+        return None, SeriesSkip(study_uid, series_uid, reason, len(files), tuple(dropped), phi)
 
     problem = _series_kind_problem(files)
     if problem:
@@ -195,7 +200,7 @@ def _select_one(files: list[FileHeader], options: SelectOptions) -> tuple[Series
         else:
             usable.append(f)
     if not usable:
-        return None, SeriesSkip(study_uid, series_uid, "no slice with usable geometry", len(files), tuple(dropped))
+        return None, SeriesSkip(study_uid, series_uid, "no slice with usable geometry", len(files), tuple(dropped), phi)
 
     # Slices must share orientation, spacing and size: keep the largest consistent group.
     by_key: dict[tuple, list[FileHeader]] = defaultdict(list)
@@ -266,5 +271,5 @@ def _select_one(files: list[FileHeader], options: SelectOptions) -> tuple[Series
     thickness = float(np.median(thicknesses)) if thicknesses else None
 
     slices = tuple(SliceRef(f.source, f.sop_uid, float(p[2]), f.transfer_syntax) for f, p in zip(ordered, positions))
-    plan = SeriesPlan(study_uid, series_uid, slices, thickness, spacing, tuple(sorted(flags)), tuple(dropped))
+    plan = SeriesPlan(study_uid, series_uid, slices, thickness, spacing, tuple(sorted(flags)), tuple(dropped), phi)
     return plan, None

@@ -30,6 +30,7 @@ __all__ = [
     "RunWriter",
     "slices_schema",
     "SERIES_SCHEMA",
+    "series_schema",
     "SKIPPED_SCHEMA",
     "DATASETS",
     "write_json_atomic",
@@ -62,6 +63,11 @@ SERIES_SCHEMA = pa.schema(
 )
 
 SKIPPED_SCHEMA = pa.schema([("source", pa.string()), ("reason", pa.string())])
+
+
+def series_schema(keep_tags: tuple[str, ...] = ()) -> pa.Schema:
+    """Schema of DIR/series: DESIGN.md 3.2, plus one string column per tag kept with --keep-phi."""
+    return pa.schema(list(SERIES_SCHEMA) + [pa.field(kw, pa.string()) for kw in keep_tags])
 
 
 def slices_schema(classes: tuple[str, ...]) -> pa.Schema:
@@ -98,6 +104,8 @@ class SeriesResult:
     slice_thickness_mm: float | None
     # Selection and decoding findings plus the sequence-decoding flags.
     flags: tuple[str, ...]
+    # Tags kept on request (--keep-phi), as (keyword, value).
+    kept: tuple[tuple[str, str], ...] = ()
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -123,7 +131,7 @@ class _Buffer:
 class RunWriter:
     """Buffers rows and writes them as Parquet parts of at most ``rows_per_part`` rows."""
 
-    def __init__(self, state: OutputState, classes: tuple[str, ...], run_id: str, model_sha256: str, backend: str, rows_per_part: int = 100_000) -> None:
+    def __init__(self, state: OutputState, classes: tuple[str, ...], run_id: str, model_sha256: str, backend: str, rows_per_part: int = 100_000, keep_tags: tuple[str, ...] = ()) -> None:
         self.state = state
         self.out = Path(state.out)
         self.classes = tuple(classes)
@@ -133,7 +141,7 @@ class RunWriter:
         self.rows_per_part = rows_per_part
         self._buffers = {
             "slices": _Buffer(slices_schema(self.classes)),
-            "series": _Buffer(SERIES_SCHEMA),
+            "series": _Buffer(series_schema(keep_tags)),
             "skipped": _Buffer(SKIPPED_SCHEMA),
         }
         self._seq = {name: 0 for name in DATASETS}
@@ -189,13 +197,14 @@ class RunWriter:
             levels_present=list(lv.levels_present),
             flags=sorted(set(r.flags) | set(lv.flags)),
             n_evaluated=int(np.count_nonzero(r.evaluated)),
+            kept=r.kept,
         )
         self.counts["slices"] += n
         self.counts["series_ok"] += 1
         self._attach(r.series_uid, key, "ok", skipped)
         self._maybe_flush()
 
-    def add_series_status(self, study_uid: str, series_uid: str, status: str, reason: str, n_slices: int, key: str, skipped: list[tuple[str, str]] = (), flags: tuple[str, ...] = ()) -> None:  # type: ignore[assignment]
+    def add_series_status(self, study_uid: str, series_uid: str, status: str, reason: str, n_slices: int, key: str, skipped: list[tuple[str, str]] = (), flags: tuple[str, ...] = (), kept: tuple[tuple[str, str], ...] = ()) -> None:  # type: ignore[assignment]
         """A series met but not classified ('skipped') or failed ('error'), with its skipped files."""
         assert status in ("skipped", "error")
         self._series_row(
@@ -213,6 +222,7 @@ class RunWriter:
             levels_present=[],
             flags=sorted(flags),
             n_evaluated=0,
+            kept=kept,
         )
         self.counts[f"series_{status}"] += 1
         self._attach(series_uid, key, status, skipped)
@@ -263,11 +273,12 @@ class RunWriter:
         buf.rows += 1
         self.counts["skipped_files"] += 1
 
-    def _series_row(self, **row: Any) -> None:
+    def _series_row(self, kept: tuple[tuple[str, str], ...] = (), **row: Any) -> None:
         row.update(model_sha256=self.model_sha256, backend=self.backend)
+        row.update(dict(kept))
         buf = self._buffers["series"]
         for name in buf.schema.names:
-            buf.columns[name].append(row[name])
+            buf.columns[name].append(row.get(name))
         buf.rows += 1
 
     # -- files ------------------------------------------------------------------------------
