@@ -43,3 +43,33 @@ def copy_of(tmp_path: Path):  # noqa: ANN201
         return dst
 
     return _copy
+
+
+def _gpu_unavailable_reason() -> str | None:
+    """Why CUDA cannot be used here (cuda-python first, then torch), or None when it can."""
+    from spinelevel.engine.cuda import cuda_unavailable_reason
+
+    reason = cuda_unavailable_reason()
+    if reason is None:
+        return None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return None
+    except ImportError:
+        pass
+    return reason
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip @pytest.mark.gpu tests where no CUDA device answers (torchvision's needs_cuda pattern)."""
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    reason = _gpu_unavailable_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=f"needs an NVIDIA GPU with CUDA: {reason}")
+    for item in gpu_items:
+        item.add_marker(skip)

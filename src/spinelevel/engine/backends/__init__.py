@@ -49,6 +49,8 @@ class BackendOptions:
 # Backend name -> module implementing it.
 BACKENDS: dict[str, str] = {
     "onnxruntime": "spinelevel.engine.backends.onnxruntime",
+    "tensorrt": "spinelevel.engine.backends.tensorrt",
+    "torch": "spinelevel.engine.backends.torch",
 }
 
 

@@ -1,0 +1,229 @@
+"""DALI preprocessing: the card's math as one DALI graph, on the GPU or (in CI) on the CPU.
+
+DALI has no DICOM reader: pydicom reads the pixel bytes and :class:`DaliPreprocessor` feeds them
+through ``fn.external_source``: one int16 (H, W) slice per sample plus the per-sample
+RescaleSlope/RescaleIntercept. The graph, parametrised by ``device`` ('cpu' or 'gpu'):
+
+    raw int16 -> float HU = raw * slope + intercept
+    -> per window: clamp((HU - (center - width/2)) / width, 0, 1) * scale -> stack to HWC
+    -> fn.resize(interp_type=INTERP_LINEAR, antialias=False) to input_size
+    -> fn.crop_mirror_normalize(mean, std, output_layout="CHW") -> (C, h, w) float32
+
+Pixel-centre convention: DALI's resize maps output pixel centres to input pixel centres (half-pixel,
+like OpenCV INTER_LINEAR and our numpy resize) and replicates the border. Measured against
+:func:`spinelevel.engine.preprocess.preprocess_slice` on the CPU graph (DALI 2.4, tests/test_dali.py):
+max abs difference < 1e-5 after normalisation, for down- and upscaling and non-square slices; the
+tests assert <= 1e-4.
+
+JPEG 2000 on the GPU (checked with DALI 2.4 / nvImageCodec 0.9, see docs/gpu.md):
+``fn.decoders.image`` offers output dtypes UINT8, UINT16 and FLOAT only ("values converted to the
+dynamic range of the requested type"), no INT16. An unsigned codestream decoded with
+``dtype=UINT16, output_type=ANY_DATA`` comes back bit-exact (12-bit precision values are not
+rescaled), but a signed codestream (PixelRepresentation 1, the usual CT storage) fails to decode on
+DALI's CPU path ("Failed to decode sample"). So :func:`j2k_on_gpu` allows the ``mixed``
+(nvJPEG2000) decoder only for unsigned JPEG 2000 slices; signed ones are decoded on the CPU by
+pydicom and fed as int16, which is what the engine does by default. The GPU decoder itself was not
+run here (no GPU).
+
+Padding (PixelPaddingValue) is mapped to air before feeding by :func:`pack_slice`, which also turns
+unsigned 16-bit storage into int16 exactly by moving 32768 * slope into the intercept.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from spinelevel.errors import BackendUnavailableError, InputError
+
+if TYPE_CHECKING:
+    from spinelevel.engine.preprocess import PreprocessSpec
+
+__all__ = [
+    "DALI_REQUIRES",
+    "DaliOptions",
+    "PackedSlice",
+    "dali_available",
+    "pack_slice",
+    "j2k_on_gpu",
+    "build_pipeline",
+    "DaliPreprocessor",
+]
+
+log = logging.getLogger(__name__)
+
+# Package that provides DALI (the CUDA 13 build also runs CPU-only graphs).
+DALI_REQUIRES = ("nvidia-dali-cuda130",)
+
+# Hounsfield value of padding (same as decode.AIR_HU; not imported: decode pulls in pydicom).
+_AIR_HU = -1000.0
+
+
+def dali_available() -> bool:
+    """True when nvidia.dali can be imported."""
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class DaliOptions:
+    """How the DALI graph runs."""
+
+    # "gpu" (all operators on the GPU, device_id required) or "cpu" (CI, no GPU needed).
+    device: str = "gpu"
+    # Slices per DALI batch (the pipeline's max batch size).
+    batch_size: int = 16
+    # CPU worker threads of the pipeline.
+    num_threads: int = 2
+    # CUDA device index for device="gpu" (ignored on the CPU).
+    device_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "gpu"):
+            raise InputError(f"DALI device must be 'cpu' or 'gpu', got {self.device!r}")
+        if self.batch_size < 1 or self.num_threads < 1:
+            raise InputError("DALI batch_size and num_threads must be >= 1")
+
+
+@dataclass(frozen=True)
+class PackedSlice:
+    """One slice ready for the DALI graph."""
+
+    # Stored values as int16, (H, W).
+    raw: np.ndarray
+    # HU = raw * slope + intercept.
+    slope: float
+    intercept: float
+
+
+def pack_slice(raw: np.ndarray, slope: float = 1.0, intercept: float = 0.0, padding: np.ndarray | None = None) -> PackedSlice:
+    """Stored pixel values -> an int16 slice with the slope/intercept that give the same HU.
+
+    uint16 storage is shifted by -32768 with ``intercept += 32768 * slope`` (exact); padding pixels
+    get the stored value of air (-1000 HU), clipped to int16.
+
+    Raises:
+        InputError: not a 2-D integer array of at most 16 bits.
+    """
+    raw = np.asarray(raw)
+    if raw.ndim != 2 or raw.dtype.kind not in "iu" or raw.dtype.itemsize > 2:
+        raise InputError(f"DALI preprocessing takes 2-D 8/16-bit integer slices, got {raw.dtype} {raw.shape}")
+    slope, intercept = float(slope), float(intercept)
+    if raw.dtype == np.uint16:
+        packed = (raw.astype(np.int32) - 32768).astype(np.int16)
+        intercept += 32768.0 * slope
+    else:
+        packed = raw.astype(np.int16, copy=True)
+    if padding is not None and padding.any():
+        air = int(np.clip(round((_AIR_HU - intercept) / slope), -32768, 32767))
+        packed[padding] = air
+    return PackedSlice(np.ascontiguousarray(packed), slope, intercept)
+
+
+def j2k_on_gpu(pixel_representation: int, bits_allocated: int) -> bool:
+    """Whether a JPEG 2000 slice may be decoded by DALI's nvJPEG2000 (``mixed``) decoder.
+
+    Only unsigned codestreams of at most 16 bits: DALI's image decoder has no INT16 output and its
+    CPU path fails on signed codestreams (docs/gpu.md); signed CT goes through pydicom instead.
+    """
+    return int(pixel_representation) == 0 and int(bits_allocated) <= 16
+
+
+def _import_dali() -> Any:
+    if not dali_available():
+        raise BackendUnavailableError(
+            f"DALI preprocessing needs the package {DALI_REQUIRES[0]} (pip install {DALI_REQUIRES[0]})"
+        )
+    import nvidia.dali as dali
+
+    return dali
+
+
+def build_pipeline(spec: PreprocessSpec, options: DaliOptions = DaliOptions()) -> Any:
+    """Build (but do not start) the DALI pipeline for ``spec``.
+
+    Inputs (``feed_input`` names): ``raw`` int16 HW, ``slope`` and ``intercept`` float32 scalars.
+    Output: (C, h, w) float32 per sample, on ``options.device``.
+    """
+    dali = _import_dali()
+    import nvidia.dali.fn as fn
+    import nvidia.dali.math as dmath
+    import nvidia.dali.types as types
+
+    if options.device == "gpu":
+        from spinelevel.engine.cuda import require_cuda
+
+        require_cuda("DALI preprocessing on the GPU (use device 'cpu' without one)")
+    device_id = options.device_id if options.device == "gpu" else None
+
+    # prefetch_queue_depth=1: inputs are fed one batch at a time, as the pipeline produces them.
+    @dali.pipeline_def(batch_size=options.batch_size, num_threads=options.num_threads, device_id=device_id, prefetch_queue_depth=1, exec_dynamic=True)
+    def _graph():  # noqa: ANN202
+        raw = fn.external_source(name="raw", dtype=types.INT16, ndim=2, layout="HW", device="cpu")
+        slope = fn.external_source(name="slope", dtype=types.FLOAT, ndim=0, device="cpu")
+        intercept = fn.external_source(name="intercept", dtype=types.FLOAT, ndim=0, device="cpu")
+        if options.device == "gpu":
+            raw = raw.gpu()  # one H2D copy of int16 (half the bytes of float32)
+        hu = fn.cast(raw, dtype=types.FLOAT) * slope + intercept
+        chans = []
+        for center, width in spec.windows:
+            low = float(center) - float(width) / 2.0
+            chan = dmath.clamp((hu - low) * (1.0 / float(width)), 0.0, 1.0)
+            if spec.scale != 1.0:
+                chan = chan * float(spec.scale)
+            chans.append(chan)
+        x = fn.stack(*chans, axis=2, axis_name="C")  # HWC: the layout fn.resize and normalize expect
+        x = fn.resize(x, size=[int(v) for v in spec.input_size], interp_type=types.INTERP_LINEAR, antialias=False, dtype=types.FLOAT)
+        return fn.crop_mirror_normalize(x, mean=[float(v) for v in spec.mean], std=[float(v) for v in spec.std], output_layout="CHW", dtype=types.FLOAT)
+
+    return _graph()
+
+
+class DaliPreprocessor:
+    """Runs the DALI graph over lists of slices and returns model-ready batches."""
+
+    def __init__(self, spec: PreprocessSpec, options: DaliOptions = DaliOptions()) -> None:
+        self.spec = spec
+        self.options = options
+        self._pipe = build_pipeline(spec, options)
+        self._pipe.build()
+
+    def _run(self, slices: list[PackedSlice]) -> Any:
+        if not 1 <= len(slices) <= self.options.batch_size:
+            raise InputError(f"DALI batch of {len(slices)} slices; give 1..{self.options.batch_size}")
+        self._pipe.feed_input("raw", [s.raw for s in slices])
+        self._pipe.feed_input("slope", [np.float32(s.slope) for s in slices])
+        self._pipe.feed_input("intercept", [np.float32(s.intercept) for s in slices])
+        (out,) = self._pipe.run()
+        return out
+
+    def run_device(self, slices: list[PackedSlice]) -> Any:
+        """Preprocess one batch and keep it where it was made.
+
+        Returns:
+            On the GPU, a dense DALI ``TensorGPU`` of shape (n, C, h, w) that exposes
+            ``__cuda_array_interface__`` (feed it to the TensorRT backend without a copy; it is valid
+            until the next call). On the CPU, a numpy array.
+        """
+        out = self._run(slices)
+        dense = out.as_tensor()  # all samples share (C, h, w): no copy for a uniform batch
+        if self.options.device == "gpu":
+            return dense
+        return np.array(dense)
+
+    def run(self, slices: list[PackedSlice]) -> np.ndarray:
+        """Preprocess one batch into a host (n, C, h, w) float32 array."""
+        out = self._run(slices)
+        if self.options.device == "gpu":
+            out = out.as_cpu()
+        return np.array(out.as_tensor(), dtype=np.float32)
+
+    def close(self) -> None:
+        """Release the pipeline."""
+        self._pipe = None
