@@ -297,3 +297,26 @@ def test_sparse_run_matches_full_with_fewer_model_slices(tmp_path: Path, model_p
         assert ss[uid]["n_evaluated"] < fs[uid]["n_evaluated"]
     manifest = json.loads((tmp_path / "sparse" / "run.json").read_text())["runs"][0]
     assert manifest["options"]["sampling"]["mode"] == "sparse"
+
+
+def test_dali_preprocessing_matches_numpy(tmp_path: Path, series_dir: Path, model_path: Path) -> None:
+    pytest.importorskip("nvidia.dali")
+    run([series_dir], model_path, tmp_path / "np", RunOptions(workers=0, sampling=FULL))
+    run([series_dir], model_path, tmp_path / "dali", RunOptions(workers=2, sampling=FULL, preprocess="dali", batch_size=8))
+    a = pq.read_table(tmp_path / "np" / "slices").sort_by("sop_uid")
+    b = pq.read_table(tmp_path / "dali" / "slices").sort_by("sop_uid")
+    assert a["level"].equals(b["level"])
+    for c in read_card(model_path).classes:
+        np.testing.assert_allclose(a[f"p_{c}"].to_numpy(), b[f"p_{c}"].to_numpy(), atol=1e-4)
+    manifest = json.loads((tmp_path / "dali" / "run.json").read_text())["runs"][-1]
+    assert manifest["options"]["preprocess"] == "dali"
+
+
+def test_backend_choice_is_recorded_and_missing_gpu_named(tmp_path: Path, series_dir: Path, model_path: Path) -> None:
+    from spinelevel.errors import BackendUnavailableError
+
+    run([series_dir], model_path, tmp_path / "out", RunOptions(workers=0))
+    backend = json.loads((tmp_path / "out" / "run.json").read_text())["runs"][-1]["backend"]
+    assert backend["name"] == "onnxruntime" and "ONNX Runtime" in backend["reason"]
+    with pytest.raises(BackendUnavailableError, match="tensorrt"):
+        run([series_dir], model_path, tmp_path / "trt", RunOptions(workers=0, backend="tensorrt"))

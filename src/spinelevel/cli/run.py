@@ -22,6 +22,13 @@ class Sampling(str, Enum):
     sparse = "sparse"
 
 
+class Preprocess(str, Enum):
+    """--preprocess choices."""
+
+    numpy = "numpy"
+    dali = "dali"
+
+
 class _RichProgress:
     """Rich progress bar: files scanned, then series done and slices/s."""
 
@@ -75,9 +82,13 @@ class _RichProgress:
 @app.command("run")
 def run(
     paths: Annotated[list[Path], typer.Argument(help="DICOM folders, .zip, .tar, .tar.gz/.tgz archives or single files, in any mix.", show_default=False)],
-    model: Annotated[Path, typer.Option("--model", "-m", help="ONNX model with a spinelevel card.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model with a spinelevel card: ONNX, TensorRT .engine, training .safetensors, or 'demo' (the bundled phantom-trained model).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (slices/, series/, skipped/ Parquet datasets and run.json).")],
-    backend: Annotated[str | None, typer.Option("--backend", help="Inference backend: onnxruntime (default).")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="auto (TensorRT, then torch on CUDA, then ONNX Runtime), onnxruntime, tensorrt or torch.")] = "auto",
+    device: Annotated[str | None, typer.Option("--device", help="GPU backends: cuda, cuda:1, or cpu (torch).")] = None,
+    preprocess: Annotated[Preprocess, typer.Option("--preprocess", help="numpy (in the decode workers) or dali (one DALI graph; on the GPU with a GPU backend).")] = Preprocess.numpy,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="GPU backends: capture a CUDA graph per batch size.")] = False,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch backend: torch.compile the model.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Slices per inference call.")] = 16,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="Inference threads (default: the runtime's choice, all cores).")] = None,
     workers: Annotated[int | None, typer.Option("--workers", min=0, help="Decode/preprocess worker processes (default: number of cores; 0 decodes in the main process).")] = None,
@@ -102,6 +113,10 @@ def run(
     setup_logging(verbose)
     options = RunOptions(
         backend=backend,
+        device=device,
+        preprocess=Preprocess(preprocess).value,
+        cuda_graphs=cuda_graphs,
+        compile=compile_model,
         batch_size=batch_size,
         threads=threads,
         workers=(os.cpu_count() or 1) if workers is None else workers,

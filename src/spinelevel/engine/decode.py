@@ -12,13 +12,14 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 
 from spinelevel.engine.sources import Source, read_source
 from spinelevel.errors import DecodeError
 
-__all__ = ["AIR_HU", "decode_hu", "read_hu", "transfer_syntax_name"]
+__all__ = ["AIR_HU", "StoredSlice", "decode_stored", "decode_hu", "read_hu", "read_stored", "transfer_syntax_name"]
 
 # Hounsfield value given to padding pixels (outside the scanned field of view).
 AIR_HU = -1000.0
@@ -39,8 +40,19 @@ def _first_line(exc: BaseException) -> str:
     return " ".join(line.strip() for line in text if line.strip())[:400] or type(exc).__name__
 
 
-def decode_hu(ds) -> np.ndarray:  # noqa: ANN001 - pydicom Dataset
-    """The slice as float32 Hounsfield units, shape (Rows, Columns).
+@dataclass(frozen=True)
+class StoredSlice:
+    """Decoded pixel data before rescaling: HU = raw * slope + intercept (padding -> air)."""
+
+    raw: np.ndarray
+    slope: float
+    intercept: float
+    # Pixels marked by PixelPaddingValue (None when there are none).
+    padding: np.ndarray | None
+
+
+def decode_stored(ds) -> StoredSlice:  # noqa: ANN001 - pydicom Dataset
+    """Decode the pixel data and check the rescale tags, without converting to HU.
 
     Raises:
         DecodeError: no pixel data, undecodable pixel data, or unusable rescale tags.
@@ -63,14 +75,23 @@ def decode_hu(ds) -> np.ndarray:  # noqa: ANN001 - pydicom Dataset
         raise DecodeError("RescaleSlope or RescaleIntercept is not numeric") from None
     if slope == 0.0 or not math.isfinite(slope) or not math.isfinite(intercept):
         raise DecodeError(f"unusable rescale: RescaleSlope={slope:g}, RescaleIntercept={intercept:g}")
-    hu = raw.astype(np.float32)
-    if slope != 1.0:
-        hu *= np.float32(slope)
-    if intercept != 0.0:
-        hu += np.float32(intercept)
-    padding = _padding_mask(ds, raw)
-    if padding is not None:
-        hu[padding] = AIR_HU
+    return StoredSlice(raw, slope, intercept, _padding_mask(ds, raw))
+
+
+def decode_hu(ds) -> np.ndarray:  # noqa: ANN001 - pydicom Dataset
+    """The slice as float32 Hounsfield units, shape (Rows, Columns).
+
+    Raises:
+        DecodeError: no pixel data, undecodable pixel data, or unusable rescale tags.
+    """
+    stored = decode_stored(ds)
+    hu = stored.raw.astype(np.float32)
+    if stored.slope != 1.0:
+        hu *= np.float32(stored.slope)
+    if stored.intercept != 0.0:
+        hu += np.float32(stored.intercept)
+    if stored.padding is not None:
+        hu[stored.padding] = AIR_HU
     return hu
 
 
@@ -99,27 +120,32 @@ def read_hu(src: Source, max_bytes: int) -> tuple[np.ndarray, str]:
     Raises:
         DecodeError: the file cannot be read, parsed or decoded.
     """
+    return _read(src, max_bytes, decode_hu)
+
+
+def read_stored(src: Source, max_bytes: int) -> tuple[StoredSlice, str]:
+    """Read and decode one slice without rescaling (for DALI); returns (stored slice, SOPInstanceUID)."""
+    return _read(src, max_bytes, decode_stored)
+
+
+def _read(src: Source, max_bytes: int, convert):  # noqa: ANN001, ANN202
     # pydicom warns about odd values and quotes them: that text may hold patient data.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _read_hu(src, max_bytes)
+        import pydicom
 
-
-def _read_hu(src: Source, max_bytes: int) -> tuple[np.ndarray, str]:
-    import pydicom
-
-    try:
-        data = read_source(src, max_bytes)
-    except OSError as exc:
-        raise DecodeError(f"cannot read file: {exc.strerror or exc}") from None
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except Exception as exc:
-        raise DecodeError(f"DICOM file is unreadable ({type(exc).__name__})") from None
-    try:
-        return decode_hu(ds), str(ds.get("SOPInstanceUID", ""))
-    except DecodeError:
-        raise
-    except Exception as exc:  # a malformed element surfaces on access
-        # the exception text may quote element values (patient data): name its type only
-        raise DecodeError(f"malformed DICOM element ({type(exc).__name__})") from None
+        try:
+            data = read_source(src, max_bytes)
+        except OSError as exc:
+            raise DecodeError(f"cannot read file: {exc.strerror or exc}") from None
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        except Exception as exc:
+            raise DecodeError(f"DICOM file is unreadable ({type(exc).__name__})") from None
+        try:
+            return convert(ds), str(ds.get("SOPInstanceUID", ""))
+        except DecodeError:
+            raise
+        except Exception as exc:  # a malformed element surfaces on access
+            # the exception text may quote element values (patient data): name its type only
+            raise DecodeError(f"malformed DICOM element ({type(exc).__name__})") from None

@@ -25,7 +25,7 @@ import numpy as np
 
 from spinelevel import __version__
 from spinelevel.card import ModelCard, file_sha256, read_card
-from spinelevel.engine.backends import Backend, BackendOptions, default_backend, load_backend
+from spinelevel.engine.backends import Backend, BackendOptions, load_backend
 from spinelevel.engine.preprocess import PreprocessSpec
 from spinelevel.engine.sampling import SamplingOptions, SeriesSampler, resolve_mode
 from spinelevel.engine.scan import FileHeader, ScanOptions, SkippedFile, scan_paths
@@ -33,23 +33,29 @@ from spinelevel.engine.select import SelectOptions, SeriesPlan, SeriesSkip, sele
 from spinelevel.engine.workers import DecodePool, DecodeTask, Prepared
 from spinelevel.engine.state import OutputLock, load_state, remove_series, series_key, write_commit
 from spinelevel.engine.writer import RunWriter, SeriesResult, write_json_atomic
-from spinelevel.errors import InputError, OutputError
+from spinelevel.errors import BackendUnavailableError, InputError, ModelError, OutputError
 from spinelevel.levels import LevelThresholds, l3_definition, label_series
 
 __all__ = ["RunOptions", "RunProgress", "RunSummary", "run"]
 
 log = logging.getLogger(__name__)
 
-# Backends that run on a GPU (the model is cheap there, so 'auto' sampling evaluates every slice).
-_GPU_BACKENDS = frozenset({"tensorrt", "torch"})
 
 
 @dataclass(frozen=True)
 class RunOptions:
     """Everything a run needs besides its inputs, model and output directory."""
 
-    # Backend name ('onnxruntime'); None picks the default for the model file.
-    backend: str | None = None
+    # 'auto' (TensorRT, then torch on CUDA, then ONNX Runtime) or a backend name.
+    backend: str = "auto"
+    # GPU backends: "cuda", "cuda:1" or "cpu" (torch); None: the first CUDA device.
+    device: str | None = None
+    # GPU backends: capture CUDA graphs per batch size.
+    cuda_graphs: bool = False
+    # torch backend: torch.compile the model.
+    compile: bool = False
+    # Preprocessing: 'numpy' (in the decode workers) or 'dali' (one DALI graph, on the GPU if any).
+    preprocess: str = "numpy"
     # Slices per inference call.
     batch_size: int = 16
     # Intra-op threads of the inference runtime (None: its default).
@@ -150,8 +156,16 @@ class _Scheduler:
         self.max_open = max(2, 2 * max(1, options.workers)) if mode == "sparse" else 2
         self._ids: list[tuple[int, int]] = []
         self._arrays: list[np.ndarray] = []
+        self._packed: list = []
         self._buffered = 0
         self.model_calls = 0
+        self.dali = None
+        if options.preprocess == "dali":
+            from spinelevel.engine.cuda import cuda_available
+            from spinelevel.engine.dali import DaliOptions, DaliPreprocessor
+
+            device = "gpu" if _on_gpu(backend) and cuda_available() else "cpu"
+            self.dali = DaliPreprocessor(spec, DaliOptions(device=device, batch_size=options.batch_size))
 
     def __iter__(self) -> Iterator[tuple[SeriesPlan, SeriesResult | None, dict[int, str]]]:
         self._open_more()
@@ -190,6 +204,7 @@ class _Scheduler:
                     sop_uids=tuple(slices[i].sop_uid for i in idx),
                     spec=self.spec,
                     max_bytes=self.options.scan.max_file_bytes,
+                    preprocess=self.options.preprocess,
                 )
             )
         work.outstanding += len(order)
@@ -202,17 +217,25 @@ class _Scheduler:
             work.sampler.unavailable([i for i, _ in prepared.failures])
             work.outstanding -= len(prepared.failures)
         if prepared.indices:
-            self._arrays.append(prepared.array)
+            if self.dali is not None:
+                self._packed.extend(prepared.packed)
+            else:
+                self._arrays.append(prepared.array)
             self._ids.extend((prepared.key, i) for i in prepared.indices)
             self._buffered += len(prepared.indices)
 
     def _run_batch(self, take: int) -> None:
-        stacked = np.concatenate(self._arrays) if len(self._arrays) > 1 else self._arrays[0]
-        batch, rest = stacked[:take], stacked[take:]
+        if self.dali is not None:
+            items, self._packed = self._packed[:take], self._packed[take:]
+            # TensorRT takes DALI's device output without a copy; other backends take host arrays
+            batch = self.dali.run_device(items) if self.backend.name == "tensorrt" else self.dali.run(items)
+        else:
+            stacked = np.concatenate(self._arrays) if len(self._arrays) > 1 else self._arrays[0]
+            batch, rest = stacked[:take], stacked[take:]
+            self._arrays = [rest] if len(rest) else []
         probs = self.backend.infer(batch)
         self.model_calls += 1
         ids, self._ids = self._ids[:take], self._ids[take:]
-        self._arrays = [rest] if len(rest) else []
         self._buffered -= take
         by_series: dict[int, list[int]] = {}
         for pos, (no, _) in enumerate(ids):
@@ -364,17 +387,44 @@ def run(paths: list[Path], model: Path, out: Path, options: RunOptions = RunOpti
     started_at = _now()
     run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
+    from spinelevel.engine.cuda import choose_backend
+    from spinelevel.models import resolve_model
+
+    if options.preprocess not in ("numpy", "dali"):
+        raise InputError(f"--preprocess {options.preprocess!r}: choose numpy or dali")
+    if options.preprocess == "dali":
+        from spinelevel.engine.dali import dali_available
+
+        if not dali_available():
+            raise BackendUnavailableError("--preprocess dali needs NVIDIA DALI: pip install nvidia-dali-cuda130 (or spinelevel[gpu])")
+    model = resolve_model(model)
+    if not Path(model).is_file():
+        raise ModelError(f"{model}: model file not found")
+    choice = choose_backend(model, options.backend)
+    model = Path(choice.model)
     card: ModelCard = read_card(model)
-    backend_name = options.backend or default_backend(model)
-    backend = load_backend(backend_name, model, card, BackendOptions(max_batch=options.batch_size, threads=options.threads))
+    backend_options = BackendOptions(max_batch=options.batch_size, threads=options.threads, device=options.device, cuda_graphs=options.cuda_graphs, compile=options.compile)
+    backend = load_backend(choice.name, model, card, backend_options)
+    backend_name = choice.name
     model_sha = file_sha256(model)
-    mode = resolve_mode(options.sampling.mode, gpu_backend=backend_name in _GPU_BACKENDS)
+    mode = resolve_mode(options.sampling.mode, gpu_backend=_on_gpu(backend))
     out = _output_dir(out)
     with OutputLock(out):
-        return _run_locked(paths, model, out, options, progress, card, backend, backend_name, model_sha, mode, run_id, started, started_at)
+        try:
+            return _run_locked(paths, model, out, options, progress, card, backend, choice, model_sha, mode, run_id, started, started_at)
+        finally:
+            backend.close()
 
 
-def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, progress: RunProgress, card: ModelCard, backend: Backend, backend_name: str, model_sha: str, mode: str, run_id: str, started: float, started_at: str) -> RunSummary:
+def _on_gpu(backend: Backend) -> bool:
+    if backend.name == "tensorrt":
+        return True
+    device = getattr(backend, "device", None)
+    return device is not None and "cuda" in str(device)
+
+
+def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, progress: RunProgress, card: ModelCard, backend: Backend, choice, model_sha: str, mode: str, run_id: str, started: float, started_at: str) -> RunSummary:  # noqa: ANN001
+    backend_name = choice.name
     state = load_state(out)
     writer = RunWriter(state, card.classes, run_id, model_sha, backend_name, rows_per_part=options.rows_per_part, keep_tags=options.scan.keep_tags)
     if options.force and (state.parts or state.series):
@@ -390,10 +440,14 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
         "versions": _versions(),
         "model": {"path": str(model), "sha256": model_sha},
         "card": card.to_dict(),
-        "backend": backend_name,
+        "backend": choice.to_dict(),
         "options": {
             "batch_size": options.batch_size,
             "threads": options.threads,
+            "device": options.device,
+            "cuda_graphs": options.cuda_graphs,
+            "compile": options.compile,
+            "preprocess": options.preprocess,
             "workers": options.workers,
             "force": options.force,
             "scan": asdict(options.scan),
@@ -454,7 +508,8 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
         raise
     finally:
         pool.close()
-        backend.close()
+        if scheduler is not None and scheduler.dali is not None:
+            scheduler.dali.close()
         seconds = time.perf_counter() - started
         manifest_run.update(
             status=status,

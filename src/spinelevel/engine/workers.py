@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spinelevel.engine.decode import read_hu
+from spinelevel.engine.decode import read_hu, read_stored
 from spinelevel.engine.preprocess import PreprocessSpec, preprocess_slice
 from spinelevel.engine.sources import Source
 from spinelevel.errors import DecodeError, InputError
@@ -46,6 +46,8 @@ class DecodeTask:
     spec: PreprocessSpec
     # Largest file read, in bytes.
     max_bytes: int
+    # 'numpy': return model input; 'dali': return packed stored values for the DALI graph.
+    preprocess: str = "numpy"
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class Prepared:
     array: np.ndarray
     # (slice index, reason) for slices that could not be decoded.
     failures: tuple[tuple[int, str], ...]
+    # preprocess='dali': one PackedSlice per index (``array`` is then empty).
+    packed: tuple = ()
 
 
 def _empty(spec: PreprocessSpec) -> np.ndarray:
@@ -69,13 +73,22 @@ def prepare(task: DecodeTask) -> Prepared:
     """Read, decode and preprocess the slices of one task; failures are recorded, never raised."""
     ok: list[int] = []
     arrays: list[np.ndarray] = []
+    packed: list = []
     failures: list[tuple[int, str]] = []
     for index, src, sop in zip(task.indices, task.sources, task.sop_uids):
         try:
-            hu, found_sop = read_hu(src, task.max_bytes)
-            if found_sop != sop:
-                raise DecodeError("file changed since it was scanned (SOPInstanceUID differs)")
-            arrays.append(preprocess_slice(hu, task.spec))
+            if task.preprocess == "dali":
+                from spinelevel.engine.dali import pack_slice
+
+                stored, found_sop = read_stored(src, task.max_bytes)
+                if found_sop != sop:
+                    raise DecodeError("file changed since it was scanned (SOPInstanceUID differs)")
+                packed.append(pack_slice(stored.raw, stored.slope, stored.intercept, stored.padding))
+            else:
+                hu, found_sop = read_hu(src, task.max_bytes)
+                if found_sop != sop:
+                    raise DecodeError("file changed since it was scanned (SOPInstanceUID differs)")
+                arrays.append(preprocess_slice(hu, task.spec))
             ok.append(index)
         except DecodeError as exc:
             failures.append((index, str(exc)))
@@ -84,7 +97,7 @@ def prepare(task: DecodeTask) -> Prepared:
         except Exception as exc:  # a decoder surprise must not take the series down
             failures.append((index, f"unexpected error while decoding ({type(exc).__name__}: {exc})"))
     array = np.stack(arrays) if arrays else _empty(task.spec)
-    return Prepared(task.key, tuple(ok), array, tuple(failures))
+    return Prepared(task.key, tuple(ok), array, tuple(failures), tuple(packed))
 
 
 def _warm_up() -> int:

@@ -16,7 +16,7 @@ import numpy as np
 from spinelevel.card import ModelCard
 from spinelevel.errors import BackendUnavailableError, InputError
 
-__all__ = ["Backend", "BackendOptions", "BACKENDS", "available_backends", "load_backend", "default_backend"]
+__all__ = ["Backend", "BackendOptions", "BACKENDS", "available_backends", "load_backend"]
 
 
 @runtime_checkable
@@ -44,6 +44,12 @@ class BackendOptions:
     max_batch: int = 16
     # Intra-op CPU threads (None: the runtime's default, usually all cores).
     threads: int | None = None
+    # GPU backends: "cuda", "cuda:1" or "cpu" (torch only); None picks the first CUDA device.
+    device: str | None = None
+    # GPU backends: capture a CUDA graph per batch size.
+    cuda_graphs: bool = False
+    # torch backend: torch.compile the model.
+    compile: bool = False
 
 
 # Backend name -> module implementing it.
@@ -65,11 +71,6 @@ def available_backends() -> dict[str, bool]:
     return {name: bool(_module(name).is_available()) for name in BACKENDS}
 
 
-def default_backend(model: Path) -> str:
-    """The backend used when none is named (ONNX Runtime for ONNX models)."""
-    return "onnxruntime"
-
-
 def load_backend(name: str, model: Path, card: ModelCard, options: BackendOptions = BackendOptions()) -> Backend:
     """Load ``model`` once on backend ``name``.
 
@@ -78,6 +79,9 @@ def load_backend(name: str, model: Path, card: ModelCard, options: BackendOption
         ModelError: the model cannot be loaded or does not fit its card.
     """
     module = _module(name)
+    reason = module.unavailable_reason() if hasattr(module, "unavailable_reason") else None
+    if reason:
+        raise BackendUnavailableError(f"backend {name!r} cannot run here: {reason}")
     if not module.is_available():
         raise BackendUnavailableError(
             f"backend {name!r} needs the package(s) {', '.join(module.REQUIRES)}; "
