@@ -293,12 +293,17 @@ def _write_series(writer: RunWriter, plan: SeriesPlan, key: str, result: SeriesR
         writer.add_result(result, key, skipped)
         return
     ok = len(plan.slices) - len(failures)
+    reason = (
+        f"only {ok} of {len(plan.slices)} slices could be decoded (--min-slices {options.select.min_slices}); "
+        "see skipped for each file"
+    )
+    # the slices that did decode belong to no classified series either: account for them too
+    skipped += [(s.source.label, f"series failed: {reason.split(';')[0]}") for i, s in enumerate(plan.slices) if i not in failures]
     writer.add_series_status(
         plan.study_uid,
         plan.series_uid,
         "error",
-        f"only {ok} of {len(plan.slices)} slices could be decoded (--min-slices {options.select.min_slices}); "
-        "see skipped for each file",
+        reason,
         len(plan.slices),
         key,
         skipped,
