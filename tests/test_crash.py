@@ -82,3 +82,29 @@ def test_sigterm_finishes_cleanly_and_resumes(tmp_path: Path, archive: Path, mod
     assert again.returncode == 0
     assert f"{done} already done" in again.stderr
     assert pq.read_table(out / "slices").num_rows == 300
+
+
+@pytest.mark.parametrize("delay", [0.0, 1.0])
+def test_sigkill_leaves_no_orphan_workers(tmp_path: Path, archive: Path, model_path: Path, delay: float) -> None:
+    cmd = [c if c != "0" else "2" for c in _cmd(archive, model_path, tmp_path / "out")]  # --workers 2
+    proc = subprocess.Popen(cmd)
+    deadline = time.monotonic() + 60
+    workers: list[int] = []
+    while time.monotonic() < deadline and len(workers) < 2:
+        try:
+            children = [int(c) for t in Path(f"/proc/{proc.pid}/task").iterdir() for c in (t / "children").read_text().split()]
+            # decode workers, not the resource tracker
+            workers = [c for c in children if b"multiprocessing-fork" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        except OSError:
+            pass
+        time.sleep(0.05)
+    assert len(workers) == 2, "the run did not start its two decode workers"
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        alive = [w for w in alive if Path(f"/proc/{w}").exists() and "Z" not in Path(f"/proc/{w}/stat").read_text().split()[2]]
+        time.sleep(0.1)
+    assert not alive, f"orphaned decode workers {alive}"

@@ -9,10 +9,12 @@ files of a task that kills a worker again are recorded as failed.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
 import signal
+import sys
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -110,9 +112,19 @@ def _warm_up() -> int:
     return os.getpid()
 
 
-def _ignore_sigint() -> None:
+def _init_worker() -> None:
     # Ctrl-C reaches the whole process group: the parent decides how to stop, not the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A parent killed with SIGKILL cannot shut the pool down: let the kernel end the workers too
+    # (Linux prctl PR_SET_PDEATHSIG), so no orphan holds files, pipes or memory.
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):
+            pass
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
 
 
 def _crashed(task: DecodeTask) -> Prepared:
@@ -198,7 +210,7 @@ class DecodePool:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         # spawn, not fork: the parent holds an inference runtime with its own threads.
-        self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint)
+        self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
 
     def close(self) -> None:
         """Stop the workers; queued tasks are dropped."""
