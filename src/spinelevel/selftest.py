@@ -145,7 +145,7 @@ def missing_requirements(backend: str, device: str | None = None) -> list[str]:
         missing.append("package onnxruntime (the reference)")
     if backend == "tensorrt":
         if not _have("tensorrt"):
-            missing.append("package tensorrt (pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu12, or an NGC container)")
+            missing.append("package tensorrt (pip install tensorrt-cu12 from NVIDIA's package index, or an NGC container)")
         if not cuda.cuda_python_available():
             missing.append("package cuda-python (pip install 'cuda-python>=12.6')")
         else:

@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 TENSORRT_REQUIRES = ("tensorrt", "cuda-python")
 
 _INSTALL_HINT = (
-    "install TensorRT from NVIDIA (pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu12, "
+    "install TensorRT from NVIDIA (pip install tensorrt-cu12 from NVIDIA's package index, "
     "or tensorrt-cu13, or use an NGC TensorRT container) and cuda-python"
 )
 
