@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[dev,train,gpu]'
+	$(PIP) install -q -e '.[dev,train,gpu,ray]'
 	touch $@
 
 install: $(VENV)/.installed

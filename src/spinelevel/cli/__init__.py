@@ -27,11 +27,25 @@ def _register() -> None:
     from spinelevel.cli import selftest as _selftest  # noqa: F401
     from spinelevel.cli import bench as _bench  # noqa: F401
     from spinelevel.cli import card as _card  # noqa: F401
+    from spinelevel.cli import report as _report  # noqa: F401
 
 
 _register()
 
 
+def _bare_flag(argv: list[str], flag: str, value: str) -> list[str]:
+    """Give a bare ``flag`` (followed by an option or nothing) the value ``value``."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg == flag and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            out.append(value)
+    return out
+
+
 def main() -> None:
     """Entry point of the installed `spinelevel` script."""
-    app()
+    import sys
+
+    # `spinelevel run ... --ray` (no address) starts a local Ray instance.
+    app(args=_bare_flag(sys.argv[1:], "--ray", "local"), prog_name="spinelevel")

@@ -99,6 +99,10 @@ def run(
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="Skip slices with more pixels (Rows x Columns).")] = 4096 * 4096,
     max_slices: Annotated[int, typer.Option("--max-slices", min=1, help="Skip series with more slices.")] = 5000,
     keep_phi: Annotated[list[str] | None, typer.Option("--keep-phi", help="Copy this DICOM tag (keyword, e.g. PatientID) into the series table; repeat for more. Off by default: outputs carry no patient identity.")] = None,
+    ray: Annotated[str | None, typer.Option("--ray", help="Run on Ray Data: 'local' (or a bare --ray) starts Ray here; 'auto' or ray://HEAD:10001 joins a cluster.", show_default=False)] = None,
+    gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", min=0.0, help="--ray: GPUs per inference actor (0: CPU actors).")] = 0.0,
+    decode_workers: Annotated[int | None, typer.Option("--decode-workers", min=1, help="--ray: most decode/preprocess tasks at once.")] = None,
+    inference_workers: Annotated[int | None, typer.Option("--inference-workers", min=1, help="--ray: inference actors (default: GPUs / --gpus-per-worker, or CPUs / 4).")] = None,
     rows_per_part: Annotated[int, typer.Option("--rows-per-part", min=1, help="Slice rows per Parquet part; results are committed at least this often.")] = 100_000,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
@@ -128,7 +132,18 @@ def run(
     )
     show = not quiet and stderr.is_terminal
     with fail_cleanly(), terminate_as_interrupt(), _RichProgress(show) as progress:
-        summary = run_pipeline(paths, model, out, options, progress)
+        if ray is not None:
+            from spinelevel.engine.ray_runner import RayOptions, run_on_ray
+
+            ray_options = RayOptions(
+                address=None if ray in ("", "local") else ray,
+                gpus_per_worker=gpus_per_worker,
+                decode_workers=decode_workers,
+                inference_workers=inference_workers,
+            )
+            summary = run_on_ray(paths, model, out, options, ray_options, progress)
+        else:
+            summary = run_pipeline(paths, model, out, options, progress)
     if not quiet:
         total = summary.series_ok + summary.series_skipped + summary.series_error + summary.series_already_done
         stderr.print(

@@ -36,7 +36,21 @@ from spinelevel.engine.writer import RunWriter, SeriesResult, write_json_atomic
 from spinelevel.errors import BackendUnavailableError, InputError, ModelError, OutputError
 from spinelevel.levels import LevelThresholds, l3_definition, label_series
 
-__all__ = ["RunOptions", "RunProgress", "RunSummary", "run"]
+__all__ = [
+    "RunOptions",
+    "RunProgress",
+    "NoProgress",
+    "RunSummary",
+    "run",
+    "finish_series",
+    "write_series",
+    "plan_key",
+    "skip_key",
+    "output_dir",
+    "load_manifest",
+    "versions",
+    "now",
+]
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +102,7 @@ class RunProgress(Protocol):
     def advanced(self, series: int, slices: int) -> None: ...
 
 
-class _NoProgress:
+class NoProgress:
     def scanned(self, files: int) -> None:
         pass
 
@@ -258,35 +272,38 @@ class _Scheduler:
             yield work.plan, self._finish(work), work.failures
 
     def _finish(self, work: _Work) -> SeriesResult | None:
-        sampler = work.sampler
-        keep = np.flatnonzero(~sampler.failed)
-        if len(keep) < self.options.select.min_slices or not sampler.evaluated[keep].any():
-            return None
-        plan = work.plan
-        slices = [plan.slices[i] for i in keep]
-        z = np.asarray([sl.z_mm for sl in slices], dtype=np.float64)
-        probs = sampler.probs[keep]
-        evaluated = sampler.evaluated[keep]
-        levels = label_series(probs, z, self.classes, evaluated, self.options.thresholds)
-        flags = set(plan.flags)
-        if work.failures:
-            flags.add("dropped_slices")
-        return SeriesResult(
-            study_uid=plan.study_uid,
-            series_uid=plan.series_uid,
-            sop_uids=tuple(sl.sop_uid for sl in slices),
-            sources=tuple(sl.source.label for sl in slices),
-            z_mm=z,
-            probs=probs,
-            evaluated=evaluated,
-            levels=levels,
-            slice_thickness_mm=plan.slice_thickness_mm,
-            flags=tuple(sorted(flags)),
-            kept=plan.kept,
-        )
+        return finish_series(work.plan, work.sampler, work.failures, self.classes, self.options)
 
 
-def _write_series(writer: RunWriter, plan: SeriesPlan, key: str, result: SeriesResult | None, failures: dict[int, str], options: RunOptions) -> None:
+def finish_series(plan: SeriesPlan, sampler: SeriesSampler, failures: dict[int, str], classes: tuple[str, ...], options: RunOptions) -> SeriesResult | None:
+    """Label a series whose sampler is satisfied; None when too few slices could be decoded."""
+    keep = np.flatnonzero(~sampler.failed)
+    if len(keep) < options.select.min_slices or not sampler.evaluated[keep].any():
+        return None
+    slices = [plan.slices[i] for i in keep]
+    z = np.asarray([sl.z_mm for sl in slices], dtype=np.float64)
+    probs = sampler.probs[keep]
+    evaluated = sampler.evaluated[keep]
+    levels = label_series(probs, z, classes, evaluated, options.thresholds)
+    flags = set(plan.flags)
+    if failures:
+        flags.add("dropped_slices")
+    return SeriesResult(
+        study_uid=plan.study_uid,
+        series_uid=plan.series_uid,
+        sop_uids=tuple(sl.sop_uid for sl in slices),
+        sources=tuple(sl.source.label for sl in slices),
+        z_mm=z,
+        probs=probs,
+        evaluated=evaluated,
+        levels=levels,
+        slice_thickness_mm=plan.slice_thickness_mm,
+        flags=tuple(sorted(flags)),
+        kept=plan.kept,
+    )
+
+
+def write_series(writer: RunWriter, plan: SeriesPlan, key: str, result: SeriesResult | None, failures: dict[int, str], options: RunOptions) -> None:
     skipped = [(f.source.label, f.reason) for f in plan.dropped]
     skipped += [(plan.slices[i].source.label, reason) for i, reason in sorted(failures.items())]
     if result is not None:
@@ -315,7 +332,7 @@ def _write_series(writer: RunWriter, plan: SeriesPlan, key: str, result: SeriesR
 # -- the run -----------------------------------------------------------------------------------
 
 
-def _output_dir(out: Path) -> Path:
+def output_dir(out: Path) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a directory")
@@ -326,7 +343,7 @@ def _output_dir(out: Path) -> Path:
     return out
 
 
-def _load_manifest(out: Path) -> dict:
+def load_manifest(out: Path) -> dict:
     path = out / "run.json"
     fresh = {"format": "spinelevel.run/1", "runs": []}
     if not path.is_file():
@@ -341,15 +358,15 @@ def _load_manifest(out: Path) -> dict:
     return manifest
 
 
-def _plan_key(model_sha: str, plan: SeriesPlan) -> str:
+def plan_key(model_sha: str, plan: SeriesPlan) -> str:
     return series_key(model_sha, "classify", [s.sop_uid for s in plan.slices] + [f.source.label for f in plan.dropped])
 
 
-def _skip_key(model_sha: str, skip: SeriesSkip) -> str:
+def skip_key(model_sha: str, skip: SeriesSkip) -> str:
     return series_key(model_sha, "skip:" + skip.reason, [f.source.label for f in skip.files])
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"spinelevel": __version__, "python": platform.python_version()}
@@ -361,7 +378,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _now() -> str:
+def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -373,7 +390,7 @@ def run(paths: list[Path], model: Path, out: Path, options: RunOptions = RunOpti
         ModelError / CardError / BackendUnavailableError: the model cannot be run.
         OutputError: the output directory cannot be written.
     """
-    progress = progress or _NoProgress()
+    progress = progress or NoProgress()
     if options.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {options.batch_size}")
     if options.workers < 0:
@@ -389,7 +406,7 @@ def run(paths: list[Path], model: Path, out: Path, options: RunOptions = RunOpti
         if not os.path.lexists(p):
             raise InputError(f"{p}: no such file or directory")
     started = time.perf_counter()
-    started_at = _now()
+    started_at = now()
     run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
     from spinelevel.engine.cuda import choose_backend
@@ -413,7 +430,7 @@ def run(paths: list[Path], model: Path, out: Path, options: RunOptions = RunOpti
     backend_name = choice.name
     model_sha = file_sha256(model)
     mode = resolve_mode(options.sampling.mode, gpu_backend=_on_gpu(backend))
-    out = _output_dir(out)
+    out = output_dir(out)
     with OutputLock(out):
         try:
             return _run_locked(paths, model, out, options, progress, card, backend, choice, model_sha, mode, run_id, started, started_at)
@@ -442,7 +459,7 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
         "run_id": run_id,
         "started": started_at,
         "status": "running",
-        "versions": _versions(),
+        "versions": versions(),
         "model": {"path": str(model), "sha256": model_sha},
         "card": card.to_dict(),
         "backend": choice.to_dict(),
@@ -463,7 +480,7 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
         "inputs": [str(p) for p in paths],
         "l3_definition": l3_definition(options.thresholds),
     }
-    manifest = _load_manifest(out)
+    manifest = load_manifest(out)
     manifest["runs"].append(manifest_run)
     write_json_atomic(out / "run.json", manifest)
 
@@ -483,8 +500,8 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
         selection = select_series(items, options.select)
         del items
 
-        plan_keys = {p.series_uid: _plan_key(model_sha, p) for p in selection.plans}
-        skip_keys = {s.series_uid: _skip_key(model_sha, s) for s in selection.skipped_series}
+        plan_keys = {p.series_uid: plan_key(model_sha, p) for p in selection.plans}
+        skip_keys = {s.series_uid: skip_key(model_sha, s) for s in selection.skipped_series}
         present = plan_keys | skip_keys
         changed = {uid for uid, key in present.items() if uid in state.series and state.series[uid].key != key}
         if changed:
@@ -503,7 +520,7 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
         spec = PreprocessSpec.from_card(card)
         scheduler = _Scheduler(plans, backend, pool, spec, card.classes, options, mode)
         for plan, result, failures in scheduler:
-            _write_series(writer, plan, plan_keys[plan.series_uid], result, failures, options)
+            write_series(writer, plan, plan_keys[plan.series_uid], result, failures, options)
             progress.advanced(1, len(result.sop_uids) if result is not None else 0)
         writer.flush()
         status = "complete"
@@ -518,7 +535,7 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
         seconds = time.perf_counter() - started
         manifest_run.update(
             status=status,
-            finished=_now(),
+            finished=now(),
             seconds=round(seconds, 3),
             counts=dict(writer.counts, series_already_done=already_done),
             model_calls=scheduler.model_calls if scheduler is not None else 0,
