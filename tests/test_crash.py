@@ -108,3 +108,19 @@ def test_sigkill_leaves_no_orphan_workers(tmp_path: Path, archive: Path, model_p
         alive = [w for w in alive if Path(f"/proc/{w}").exists() and "Z" not in Path(f"/proc/{w}/stat").read_text().split()[2]]
         time.sleep(0.1)
     assert not alive, f"orphaned decode workers {alive}"
+
+
+def test_signals_wait_for_the_critical_section() -> None:
+    from spinelevel.engine.state import critical_section
+
+    hits: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: hits.append(signum))
+    try:
+        with critical_section():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert hits == []  # deferred
+        assert hits == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is not None and hits == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)

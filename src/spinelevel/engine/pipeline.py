@@ -31,7 +31,7 @@ from spinelevel.engine.sampling import SamplingOptions, SeriesSampler, resolve_m
 from spinelevel.engine.scan import FileHeader, ScanOptions, SkippedFile, scan_paths
 from spinelevel.engine.select import SelectOptions, SeriesPlan, SeriesSkip, select_series
 from spinelevel.engine.workers import DecodePool, DecodeTask, Prepared
-from spinelevel.engine.state import OutputLock, load_state, remove_series, series_key, write_commit
+from spinelevel.engine.state import OutputLock, critical_section, load_state, remove_series, series_key, write_commit
 from spinelevel.engine.writer import RunWriter, SeriesResult, write_json_atomic
 from spinelevel.errors import BackendUnavailableError, InputError, ModelError, OutputError
 from spinelevel.levels import LevelThresholds, l3_definition, label_series
@@ -43,6 +43,8 @@ __all__ = [
     "RunSummary",
     "run",
     "finish_series",
+    "forget_everything",
+    "start_series",
     "write_series",
     "plan_key",
     "skip_key",
@@ -304,6 +306,12 @@ def finish_series(plan: SeriesPlan, sampler: SeriesSampler, failures: dict[int, 
 
 
 def write_series(writer: RunWriter, plan: SeriesPlan, key: str, result: SeriesResult | None, failures: dict[int, str], options: RunOptions) -> None:
+    """Hand one finished series to the writer, whole: signals wait until its rows are buffered."""
+    with critical_section():
+        _write_series(writer, plan, key, result, failures, options)
+
+
+def _write_series(writer: RunWriter, plan: SeriesPlan, key: str, result: SeriesResult | None, failures: dict[int, str], options: RunOptions) -> None:
     skipped = [(f.source.label, f.reason) for f in plan.dropped]
     skipped += [(plan.slices[i].source.label, reason) for i, reason in sorted(failures.items())]
     if result is not None:
@@ -327,6 +335,42 @@ def write_series(writer: RunWriter, plan: SeriesPlan, key: str, result: SeriesRe
         plan.flags,
         plan.kept,
     )
+
+
+def forget_everything(state, run_id: str) -> None:  # noqa: ANN001 - OutputState
+    """--force: remove every committed part and series in one commit."""
+    if not (state.parts or state.series):
+        return
+    removed = sorted(state.parts)
+    with critical_section():
+        write_commit(state, run_id, {"removed": removed, "removed_series": sorted(state.series)})
+    for rel in removed:
+        (state.out / rel).unlink(missing_ok=True)
+
+
+def start_series(state, writer: RunWriter, selection, seen: set[str], model_sha: str, run_id: str) -> tuple[list[SeriesPlan], dict[str, str], int]:  # noqa: ANN001
+    """Resume bookkeeping shared by every runner, before any series is classified.
+
+    Replaces the rows of series whose key changed, writes this run's loose files and skipped
+    series, and returns the plans still to classify, the key of every plan, and how many series
+    of this run were already done.
+    """
+    plan_keys = {p.series_uid: plan_key(model_sha, p) for p in selection.plans}
+    skip_keys = {s.series_uid: skip_key(model_sha, s) for s in selection.skipped_series}
+    present = plan_keys | skip_keys
+    changed = {uid for uid, key in present.items() if uid in state.series and state.series[uid].key != key}
+    if changed:
+        log.info("%d series changed since they were done; their rows are replaced", len(changed))
+        with critical_section():
+            remove_series(state, changed, run_id, writer.write_part)
+    already_done = sum(1 for uid in present if uid in state.series)
+    writer.add_loose([(f.source.label, f.reason) for f in selection.skipped_files], seen)
+    for skip in selection.skipped_series:
+        if skip.series_uid not in state.series:
+            with critical_section():
+                writer.add_series_status(skip.study_uid, skip.series_uid, "skipped", skip.reason, skip.n_files, skip_keys[skip.series_uid], [(f.source.label, f.reason) for f in skip.files], (), skip.kept)
+    plans = [p for p in selection.plans if p.series_uid not in state.series]
+    return plans, plan_keys, already_done
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -449,11 +493,8 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
     backend_name = choice.name
     state = load_state(out)
     writer = RunWriter(state, card.classes, run_id, model_sha, backend_name, rows_per_part=options.rows_per_part, keep_tags=options.scan.keep_tags)
-    if options.force and (state.parts or state.series):
-        removed = sorted(state.parts)
-        write_commit(state, run_id, {"removed": removed, "removed_series": sorted(state.series)})
-        for rel in removed:
-            (out / rel).unlink(missing_ok=True)
+    if options.force:
+        forget_everything(state, run_id)
 
     manifest_run = {
         "run_id": run_id,
@@ -500,20 +541,7 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
         selection = select_series(items, options.select)
         del items
 
-        plan_keys = {p.series_uid: plan_key(model_sha, p) for p in selection.plans}
-        skip_keys = {s.series_uid: skip_key(model_sha, s) for s in selection.skipped_series}
-        present = plan_keys | skip_keys
-        changed = {uid for uid, key in present.items() if uid in state.series and state.series[uid].key != key}
-        if changed:
-            log.info("%d series changed since they were done; their rows are replaced", len(changed))
-            remove_series(state, changed, run_id, writer.write_part)
-        already_done = sum(1 for uid in present if uid in state.series)
-
-        writer.add_loose([(f.source.label, f.reason) for f in selection.skipped_files], seen)
-        for skip in selection.skipped_series:
-            if skip.series_uid not in state.series:
-                writer.add_series_status(skip.study_uid, skip.series_uid, "skipped", skip.reason, skip.n_files, skip_keys[skip.series_uid], [(f.source.label, f.reason) for f in skip.files], (), skip.kept)
-        plans = [p for p in selection.plans if p.series_uid not in state.series]
+        plans, plan_keys, already_done = start_series(state, writer, selection, seen, model_sha, run_id)
         progress.planned(len(plans), sum(len(p.slices) for p in plans))
         log.info("%d series to classify, %d already done, %d skipped", len(plans), already_done, len(selection.skipped_series))
 

@@ -46,7 +46,7 @@ from spinelevel.engine.sampling import SamplingOptions, SeriesSampler, resolve_m
 from spinelevel.engine.scan import FileHeader, SkippedFile, scan_paths
 from spinelevel.engine.select import SeriesPlan, select_series
 from spinelevel.engine.sources import Source
-from spinelevel.engine.state import OutputLock, load_state, remove_series, write_commit
+from spinelevel.engine.state import OutputLock, load_state
 from spinelevel.engine.workers import DecodeTask, prepare
 from spinelevel.engine.writer import RunWriter, write_json_atomic
 from spinelevel.errors import BackendUnavailableError, InputError, ModelError, SpineLevelError
@@ -58,11 +58,11 @@ from spinelevel.engine.pipeline import (
     RunProgress,
     RunSummary,
     finish_series,
+    forget_everything,
     load_manifest,
     now,
     output_dir,
-    plan_key,
-    skip_key,
+    start_series,
     versions,
     write_series,
 )
@@ -440,11 +440,8 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
     # Everything up to the plans mirrors pipeline._run_locked, so both paths write the same rows.
     state = load_state(out)
     writer = RunWriter(state, card.classes, run_id, model_sha, choice.name, rows_per_part=options.rows_per_part, keep_tags=options.scan.keep_tags)
-    if options.force and (state.parts or state.series):
-        removed = sorted(state.parts)
-        write_commit(state, run_id, {"removed": removed, "removed_series": sorted(state.series)})
-        for rel in removed:
-            (out / rel).unlink(missing_ok=True)
+    if options.force:
+        forget_everything(state, run_id)
     import ray
 
     manifest_run = {
@@ -491,20 +488,7 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
         selection = select_series(items, options.select)
         del items
 
-        plan_keys = {p.series_uid: plan_key(model_sha, p) for p in selection.plans}
-        skip_keys = {s.series_uid: skip_key(model_sha, s) for s in selection.skipped_series}
-        present = plan_keys | skip_keys
-        changed = {uid for uid, key in present.items() if uid in state.series and state.series[uid].key != key}
-        if changed:
-            log.info("%d series changed since they were done; their rows are replaced", len(changed))
-            remove_series(state, changed, run_id, writer.write_part)
-        already_done = sum(1 for uid in present if uid in state.series)
-
-        writer.add_loose([(f.source.label, f.reason) for f in selection.skipped_files], seen)
-        for skip in selection.skipped_series:
-            if skip.series_uid not in state.series:
-                writer.add_series_status(skip.study_uid, skip.series_uid, "skipped", skip.reason, skip.n_files, skip_keys[skip.series_uid], [(f.source.label, f.reason) for f in skip.files], (), skip.kept)
-        plans = [p for p in selection.plans if p.series_uid not in state.series]
+        plans, plan_keys, already_done = start_series(state, writer, selection, seen, model_sha, run_id)
         progress.planned(len(plans), sum(len(p.slices) for p in plans))
         log.info("%d series to classify on Ray (%s sampling), %d already done, %d skipped", len(plans), mode, already_done, len(selection.skipped_series))
 

@@ -18,8 +18,11 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import socket
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ import pyarrow.parquet as pq
 from spinelevel.errors import OutputError
 
 __all__ = [
+    "critical_section",
     "PROGRESS_DIR",
     "SeriesEntry",
     "OutputState",
@@ -74,6 +78,35 @@ class OutputState:
     loose_parts: set[str] = field(default_factory=set)
     # Number of commit records (the next one gets this number).
     commits: int = 0
+
+
+@contextmanager
+def critical_section() -> Iterator[None]:
+    """Defer SIGINT and SIGTERM until the block ends (a part and its commit record go together).
+
+    A signal that arrives inside is delivered, to the handler that was installed before, when the
+    block is left. Only the main thread can install handlers; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[tuple[int, object]] = []
+
+    def _remember(signum: int, frame: object) -> None:
+        received.append((signum, frame))
+
+    previous = {sig: signal.signal(sig, _remember) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum, frame in received[:1]:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
 
 
 def series_key(model_sha256: str, kind: str, members: Iterable[str]) -> str:

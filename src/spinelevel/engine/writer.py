@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from spinelevel.engine.state import OutputState, fsync_dir, write_commit
+from spinelevel.engine.state import OutputState, critical_section, fsync_dir, write_commit
 from spinelevel.errors import OutputError
 from spinelevel.levels import SeriesLevels
 
@@ -235,6 +235,10 @@ class RunWriter:
         replaced; rows of files this run did not see are kept, so runs over different folders add up.
         """
         self.flush()  # commit buffered series first: the loose part must hold loose rows only
+        with critical_section():
+            self._add_loose(skipped, seen)
+
+    def _add_loose(self, skipped: list[tuple[str, str]], seen: set[str]) -> None:
         removed: list[str] = []
         added: list[str] = []
         for rel in sorted(self.state.loose_parts):
@@ -288,9 +292,16 @@ class RunWriter:
             self.flush()
 
     def flush(self) -> None:
-        """Write every non-empty buffer as a part, then commit them with the series they hold."""
+        """Write every non-empty buffer as a part, then commit them with the series they hold.
+
+        Signals wait until the commit is written: parts and their record go together.
+        """
         if not any(b.rows for b in self._buffers.values()) and not self._entries:
             return
+        with critical_section():
+            self._flush()
+
+    def _flush(self) -> None:
         added: list[str] = []
         for name in ("slices", "skipped", "series"):
             buf = self._buffers[name]
