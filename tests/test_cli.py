@@ -88,3 +88,13 @@ def test_installed_entry_point_runs(tmp_path: Path, series_dir: Path, model_path
     bad = subprocess.run([exe, "run", str(series_dir), "--model", str(tmp_path / "none.onnx"), "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1
     assert bad.stderr.strip().startswith("error:") and "none.onnx" in bad.stderr
+
+
+def test_run_with_qc_writes_the_review_report(tmp_path: Path, series_dir: Path, model_path: Path) -> None:
+    out = tmp_path / "o"
+    result = runner.invoke(app, ["run", str(series_dir), "-m", str(model_path), "-o", str(out), "--workers", "0", "--qc"])
+    assert result.exit_code == 0, result.output
+    assert "review report:" in result.output
+    index = out / "report" / "index.html"
+    assert index.is_file()
+    assert len(list((out / "report").rglob("*.png"))) >= 2

@@ -320,3 +320,12 @@ def test_backend_choice_is_recorded_and_missing_gpu_named(tmp_path: Path, series
     assert backend["name"] == "onnxruntime" and "ONNX Runtime" in backend["reason"]
     with pytest.raises(BackendUnavailableError, match="tensorrt"):
         run([series_dir], model_path, tmp_path / "trt", RunOptions(workers=0, backend="tensorrt"))
+
+
+def test_object_store_output_is_refused_before_anything_is_created(tmp_path: Path, series_dir: Path, model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from spinelevel.errors import InputError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="object-store"):
+        run([series_dir], model_path, Path("s3://bucket/out"), RunOptions(workers=0))
+    assert not (tmp_path / "s3:").exists()

@@ -103,6 +103,7 @@ def run(
     gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", min=0.0, help="--ray: GPUs per inference actor (0: CPU actors).")] = 0.0,
     decode_workers: Annotated[int | None, typer.Option("--decode-workers", min=1, help="--ray: most decode/preprocess tasks at once.")] = None,
     inference_workers: Annotated[int | None, typer.Option("--inference-workers", min=1, help="--ray: inference actors (default: GPUs / --gpus-per-worker, or CPUs / 4).")] = None,
+    qc: Annotated[bool, typer.Option("--qc", help="After the run, write a review report (sagittal/coronal/L3 pictures per series, index.html) into OUT/report.")] = False,
     rows_per_part: Annotated[int, typer.Option("--rows-per-part", min=1, help="Slice rows per Parquet part; results are committed at least this often.")] = 100_000,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
@@ -144,6 +145,14 @@ def run(
             summary = run_on_ray(paths, model, out, options, ray_options, progress)
         else:
             summary = run_pipeline(paths, model, out, options, progress)
+    if qc:
+        from spinelevel.cli.report import ReportProgressBar
+        from spinelevel.report.build import ReportOptions, build_report
+
+        with fail_cleanly(), terminate_as_interrupt(), ReportProgressBar(show) as bar:
+            report = build_report(out, None, ReportOptions(workers=max(1, min(8, options.workers))), bar)
+        if not quiet:
+            stderr.print(f"review report: {report.index} ({report.drawn} series drawn, {report.unavailable} with images unavailable)")
     if not quiet:
         total = summary.series_ok + summary.series_skipped + summary.series_error + summary.series_already_done
         stderr.print(

@@ -13,6 +13,7 @@ import datetime as _dt
 import logging
 import os
 import platform
+import re
 import secrets
 import json
 import time
@@ -377,6 +378,9 @@ def start_series(state, writer: RunWriter, selection, seen: set[str], model_sha:
 
 
 def output_dir(out: Path) -> Path:
+    """Check and create the output directory (a local or network-mounted path)."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:/", str(out)):
+        raise InputError(f"{out}: object-store URIs are not supported; write to a local or network-mounted path")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a directory")
@@ -550,7 +554,7 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
         for plan, result, failures in scheduler:
             write_series(writer, plan, plan_keys[plan.series_uid], result, failures, options)
             progress.advanced(1, len(result.sop_uids) if result is not None else 0)
-        writer.flush()
+        writer.finish()
         status = "complete"
     except KeyboardInterrupt:
         status = "interrupted"

@@ -502,7 +502,7 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
                     result = finish_series(work.plan, work.sampler, work.failures, card.classes, options)
                     write_series(writer, work.plan, plan_keys[work.plan.series_uid], result, work.failures, options)
                     progress.advanced(1, len(result.sop_uids) if result is not None else 0)
-        writer.flush()
+        writer.finish()
         lost = len(gathering)
         if lost:
             raise SpineLevelError(f"{lost} series got incomplete results from the Ray workers and were not written; run again to redo them")

@@ -301,6 +301,17 @@ class RunWriter:
         with critical_section():
             self._flush()
 
+    def finish(self) -> None:
+        """Flush, and give every dataset at least one (possibly empty) part, so that each reads
+        with its schema even when a run had nothing to put there."""
+        self.flush()
+        missing = [name for name in DATASETS if not any(p.startswith(name + "/") for p in self.state.parts)]
+        if not missing:
+            return
+        with critical_section():
+            added = [self.write_part(name, self._buffers[name].schema.empty_table()) for name in missing]
+            write_commit(self.state, self.run_id, {"added": added})
+
     def _flush(self) -> None:
         added: list[str] = []
         for name in ("slices", "skipped", "series"):
