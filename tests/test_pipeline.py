@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import tarfile
@@ -241,7 +240,6 @@ def test_series_that_gained_slices_is_redone_and_replaced(tmp_path: Path, model_
     more = level_sequence({"T": 5, "L1": 4, "L2": 4, "L3": 5, "L4": 4, "L5": 4, "S": 4})
     spec = SeriesSpec(levels=more, study_uid=STUDY, series_uid=STUDY + ".30", seed=30)
     added = write_series(tmp_path / "late", spec)
-    from dicomgen import slice_hu  # noqa: F401  (same geometry: positions continue below)
     keep = [p for p in added if int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber) <= 8]
     for p in keep:
         shutil.move(p, inp / ("late_" + p.name))

@@ -17,7 +17,7 @@ import re
 import secrets
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -45,6 +45,9 @@ __all__ = [
     "run",
     "finish_series",
     "forget_everything",
+    "manifest_entry",
+    "start_history",
+    "scan_and_select",
     "start_series",
     "write_series",
     "plan_key",
@@ -338,6 +341,55 @@ def _write_series(writer: RunWriter, plan: SeriesPlan, key: str, result: SeriesR
     )
 
 
+def manifest_entry(run_id: str, started_at: str, model: Path, model_sha: str, card: ModelCard, choice, options: RunOptions, mode: str, paths: list[Path], extra_options: dict) -> dict:  # noqa: ANN001
+    """This run's entry of run.json (updated with status, counts and times when it ends)."""
+    return {
+        "run_id": run_id,
+        "started": started_at,
+        "status": "running",
+        "versions": versions(),
+        "model": {"path": str(model), "sha256": model_sha},
+        "card": card.to_dict(),
+        "backend": choice.to_dict(),
+        "options": {
+            "batch_size": options.batch_size,
+            "threads": options.threads,
+            "device": options.device,
+            "cuda_graphs": options.cuda_graphs,
+            "compile": options.compile,
+            "preprocess": options.preprocess,
+            "force": options.force,
+            "scan": asdict(options.scan),
+            "select": asdict(options.select),
+            "thresholds": asdict(options.thresholds),
+            "sampling": asdict(options.sampling) | {"mode": mode},
+            **extra_options,
+        },
+        "inputs": [str(p) for p in paths],
+        "l3_definition": l3_definition(options.thresholds),
+    }
+
+
+def start_history(out: Path, entry: dict) -> dict:
+    """Append ``entry`` to the run history in run.json (written now, rewritten when the run ends)."""
+    manifest = load_manifest(out)
+    manifest["runs"].append(entry)
+    write_json_atomic(out / "run.json", manifest)
+    return manifest
+
+
+def scan_and_select(paths: list[Path], options: RunOptions, progress: RunProgress) -> tuple:
+    """Scan the inputs (headers only) and select the series; returns (selection, every source seen)."""
+    items: list[FileHeader | SkippedFile] = []
+    for item in scan_paths(paths, options.scan):
+        items.append(item)
+        if len(items) % 200 == 0:
+            progress.scanned(len(items))
+    progress.scanned(len(items))
+    seen = {item.source.label for item in items}
+    return select_series(items, options.select), seen
+
+
 def forget_everything(state, run_id: str) -> None:  # noqa: ANN001 - OutputState
     """--force: remove every committed part and series in one commit."""
     if not (state.parts or state.series):
@@ -475,7 +527,6 @@ def run(paths: list[Path], model: Path, out: Path, options: RunOptions = RunOpti
     card: ModelCard = read_card(model)
     backend_options = BackendOptions(max_batch=options.batch_size, threads=options.threads, device=options.device, cuda_graphs=options.cuda_graphs, compile=options.compile)
     backend = load_backend(choice.name, model, card, backend_options)
-    backend_name = choice.name
     model_sha = file_sha256(model)
     mode = resolve_mode(options.sampling.mode, gpu_backend=_on_gpu(backend))
     out = output_dir(out)
@@ -494,40 +545,13 @@ def _on_gpu(backend: Backend) -> bool:
 
 
 def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, progress: RunProgress, card: ModelCard, backend: Backend, choice, model_sha: str, mode: str, run_id: str, started: float, started_at: str) -> RunSummary:  # noqa: ANN001
-    backend_name = choice.name
     state = load_state(out)
-    writer = RunWriter(state, card.classes, run_id, model_sha, backend_name, rows_per_part=options.rows_per_part, keep_tags=options.scan.keep_tags)
+    writer = RunWriter(state, card.classes, run_id, model_sha, choice.name, rows_per_part=options.rows_per_part, keep_tags=options.scan.keep_tags)
     if options.force:
         forget_everything(state, run_id)
 
-    manifest_run = {
-        "run_id": run_id,
-        "started": started_at,
-        "status": "running",
-        "versions": versions(),
-        "model": {"path": str(model), "sha256": model_sha},
-        "card": card.to_dict(),
-        "backend": choice.to_dict(),
-        "options": {
-            "batch_size": options.batch_size,
-            "threads": options.threads,
-            "device": options.device,
-            "cuda_graphs": options.cuda_graphs,
-            "compile": options.compile,
-            "preprocess": options.preprocess,
-            "workers": options.workers,
-            "force": options.force,
-            "scan": asdict(options.scan),
-            "select": asdict(options.select),
-            "thresholds": asdict(options.thresholds),
-            "sampling": asdict(options.sampling) | {"mode": mode},
-        },
-        "inputs": [str(p) for p in paths],
-        "l3_definition": l3_definition(options.thresholds),
-    }
-    manifest = load_manifest(out)
-    manifest["runs"].append(manifest_run)
-    write_json_atomic(out / "run.json", manifest)
+    manifest_run = manifest_entry(run_id, started_at, model, model_sha, card, choice, options, mode, paths, {"workers": options.workers})
+    manifest = start_history(out, manifest_run)
 
     status = "failed"
     already_done = 0
@@ -535,16 +559,7 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
     pool = DecodePool(options.workers)
     try:
         pool.start()  # workers import their decoders while the scan runs
-        items: list[FileHeader | SkippedFile] = []
-        for item in scan_paths(paths, options.scan):
-            items.append(item)
-            if len(items) % 200 == 0:
-                progress.scanned(len(items))
-        progress.scanned(len(items))
-        seen = {item.source.label for item in items}
-        selection = select_series(items, options.select)
-        del items
-
+        selection, seen = scan_and_select(paths, options, progress)
         plans, plan_keys, already_done = start_series(state, writer, selection, seen, model_sha, run_id)
         progress.planned(len(plans), sum(len(p.slices) for p in plans))
         log.info("%d series to classify, %d already done, %d skipped", len(plans), already_done, len(selection.skipped_series))

@@ -43,8 +43,7 @@ from spinelevel.card import ModelCard, file_sha256, read_card
 from spinelevel.engine.backends import BackendOptions, load_backend
 from spinelevel.engine.preprocess import PreprocessSpec
 from spinelevel.engine.sampling import SamplingOptions, SeriesSampler, resolve_mode
-from spinelevel.engine.scan import FileHeader, SkippedFile, scan_paths
-from spinelevel.engine.select import SeriesPlan, select_series
+from spinelevel.engine.select import SeriesPlan
 from spinelevel.engine.sources import Source
 from spinelevel.engine.state import OutputLock, load_state
 from spinelevel.engine.workers import DecodeTask, prepare
@@ -59,14 +58,14 @@ from spinelevel.engine.pipeline import (
     RunSummary,
     finish_series,
     forget_everything,
-    load_manifest,
+    manifest_entry,
+    scan_and_select,
+    start_history,
     now,
     output_dir,
     start_series,
-    versions,
     write_series,
 )
-from spinelevel.levels import l3_definition
 
 __all__ = ["RayOptions", "ray_available", "run_on_ray", "INSTALL_HINT"]
 
@@ -444,50 +443,22 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
         forget_everything(state, run_id)
     import ray
 
-    manifest_run = {
-        "run_id": run_id,
-        "started": started_at,
-        "status": "running",
-        "versions": versions() | {"ray": ray.__version__},
-        "model": {"path": str(model), "sha256": model_sha},
-        "card": card.to_dict(),
-        "backend": choice.to_dict(),
-        "options": {
-            "batch_size": options.batch_size,
+    manifest_run = manifest_entry(
+        run_id, started_at, model, model_sha, card, choice, options, mode, paths,
+        {
             "threads": backend_options.threads,
-            "device": backend_options.device,
-            "cuda_graphs": options.cuda_graphs,
-            "compile": options.compile,
-            "preprocess": options.preprocess,
             "workers": None,
-            "force": options.force,
-            "scan": asdict(options.scan),
-            "select": asdict(options.select),
-            "thresholds": asdict(options.thresholds),
-            "sampling": asdict(options.sampling) | {"mode": mode},
             "ray": asdict(ray_options) | {"cluster_resources": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}},
         },
-        "inputs": [str(p) for p in paths],
-        "l3_definition": l3_definition(options.thresholds),
-    }
-    manifest = load_manifest(out)
-    manifest["runs"].append(manifest_run)
-    write_json_atomic(out / "run.json", manifest)
+    )
+    manifest_run["versions"]["ray"] = ray.__version__
+    manifest = start_history(out, manifest_run)
 
     status = "failed"
     already_done = 0
     lost = 0
     try:
-        items: list[FileHeader | SkippedFile] = []
-        for item in scan_paths(paths, options.scan):
-            items.append(item)
-            if len(items) % 200 == 0:
-                progress.scanned(len(items))
-        progress.scanned(len(items))
-        seen = {item.source.label for item in items}
-        selection = select_series(items, options.select)
-        del items
-
+        selection, seen = scan_and_select(paths, options, progress)
         plans, plan_keys, already_done = start_series(state, writer, selection, seen, model_sha, run_id)
         progress.planned(len(plans), sum(len(p.slices) for p in plans))
         log.info("%d series to classify on Ray (%s sampling), %d already done, %d skipped", len(plans), mode, already_done, len(selection.skipped_series))

@@ -156,16 +156,7 @@ def load_state(out: Path, datasets: Iterable[str] = ("slices", "series", "skippe
         except (OSError, json.JSONDecodeError) as exc:
             # Records are renamed into place complete; an unreadable one is damage, not a crash.
             raise OutputError(f"{path}: unreadable commit record ({exc}); move it away to resume without it") from None
-        state.commits += 1
-        for name in record.get("removed", []):
-            state.parts.discard(name)
-            state.loose_parts.discard(name)
-        state.parts.update(record.get("added", []))
-        state.loose_parts.update(record.get("loose", []))
-        for uid in record.get("removed_series", []):
-            state.series.pop(uid, None)
-        for uid, entry in record.get("series", {}).items():
-            state.series[uid] = SeriesEntry(entry["key"], entry["status"], tuple(entry.get("skipped_sources", ())))
+        _apply(state, record)
     state.loose_parts &= state.parts
     for dataset in datasets:
         folder = out / dataset
@@ -202,6 +193,11 @@ def write_commit(state: OutputState, run_id: str, record: dict[str, Any]) -> Non
         except OSError:
             pass
         raise OutputError(f"{final}: cannot commit ({exc.strerror or exc}); parts committed before stay readable") from None
+    _apply(state, record)
+
+
+def _apply(state: OutputState, record: dict[str, Any]) -> None:
+    """Replay one commit record onto ``state``."""
     state.commits += 1
     for name in record.get("removed", []):
         state.parts.discard(name)
