@@ -25,17 +25,17 @@ def bench(
     from spinelevel.bench.suite import FULL, QUICK, run_suite
     from spinelevel.errors import InputError
 
-    setup_logging(verbose)
-    logging_level = "INFO"
     import logging
 
-    logging.getLogger("spinelevel.bench").setLevel(logging_level)
+    setup_logging(verbose)
+    logging.getLogger("spinelevel.bench").setLevel(logging.INFO)
     sections = tuple(only) if only else ("decode", "inference", "end_to_end", "scaling")
     with fail_cleanly():
         bad = [s for s in sections if s not in ("decode", "inference", "end_to_end", "scaling")]
         if bad:
             raise InputError(f"--only {', '.join(bad)}: choose from decode, inference, end_to_end, scaling")
         result = run_suite(QUICK if quick else FULL, work, model, sections)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     stderr.print(f"benchmarks written to {out} ({result['seconds']} s)")
     stdout.print_json(json.dumps(_summary(result)))
