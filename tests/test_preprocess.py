@@ -69,3 +69,20 @@ def test_preprocess_slice_applies_card_in_order() -> None:
     batch = preprocess_batch([hu, hu[:10, :10]], spec)
     assert batch.shape == (2, 3, 16, 16)
     np.testing.assert_array_equal(batch[0], got)
+
+
+def test_numpy_fallback_matches_opencv(monkeypatch) -> None:  # noqa: ANN001
+    import spinelevel.engine.preprocess as pre
+
+    if pre._cv2() is None:
+        import pytest
+
+        pytest.skip("OpenCV is not installed: only the numpy path exists here")
+    rng = np.random.default_rng(3)
+    for shape, size in [((3, 512, 512), (256, 256)), ((3, 37, 53), (64, 48)), ((2, 100, 80), (33, 161))]:
+        x = rng.normal(size=shape).astype(np.float32) * 100
+        with_cv2 = resize_bilinear(x, size)
+        monkeypatch.setattr(pre, "_cv2", lambda: None)
+        without = resize_bilinear(x, size)
+        monkeypatch.undo()
+        np.testing.assert_allclose(with_cv2, without, atol=1e-4, rtol=1e-6)

@@ -58,7 +58,7 @@ def _engine(pool: DecodePool, files: list[Path], spec: PreprocessSpec) -> float:
     return time.perf_counter() - start
 
 
-def bench_decode(work: Path, size: int = 512, slices: int = 60, input_size: int = 512, workers: int | None = None) -> dict:
+def bench_decode(work: Path, size: int = 512, slices: int = 60, input_size: int = 512, workers: int | None = None, rounds: int = 3) -> dict:
     """Slices/s of the engine and the baseline for each codec the phantom writes."""
     from spinelevel.phantom import PhantomOptions, generate
 
@@ -71,17 +71,21 @@ def bench_decode(work: Path, size: int = 512, slices: int = 60, input_size: int 
         if not root.exists():
             generate(root, PhantomOptions(studies=1, seed=11, size=size, compression=codec, coverage="lumbar", thickness_mm=2.5, localizer_probability=0, dose_report_probability=0, second_recon_probability=0))
         files = _files(root)[:slices]
-        with DecodePool(workers) as pool:
+        # Best of interleaved rounds: the machine is shared, and interleaving exposes every path to
+        # the same background load.
+        engine_s = inline_s = naive_s = float("inf")
+        with DecodePool(workers) as pool, DecodePool(0) as inline:
             pool.start(wait=True)  # worker start-up and imports are not decoding
             _engine(pool, files[: 2 * workers], spec)
-            engine_s = _engine(pool, files, spec)
-        with DecodePool(0) as inline:
             _engine(inline, files[:2], spec)
-            inline_s = _engine(inline, files, spec)
-        start = time.perf_counter()
-        for f in files:
-            naive_preprocess(f, card)
-        naive_s = time.perf_counter() - start
+            naive_preprocess(files[0], card)
+            for _ in range(rounds):
+                engine_s = min(engine_s, _engine(pool, files, spec))
+                inline_s = min(inline_s, _engine(inline, files, spec))
+                start = time.perf_counter()
+                for f in files:
+                    naive_preprocess(f, card)
+                naive_s = min(naive_s, time.perf_counter() - start)
         results[codec] = {
             "slices": len(files),
             "engine_slices_per_s": round(len(files) / engine_s, 1),
@@ -90,4 +94,4 @@ def bench_decode(work: Path, size: int = 512, slices: int = 60, input_size: int 
             "speedup": round(naive_s / engine_s, 2),
             "speedup_one_process": round(naive_s / inline_s, 2),
         }
-    return {"image_size": size, "input_size": input_size, "workers": workers, "codecs": results}
+    return {"image_size": size, "input_size": input_size, "workers": workers, "rounds": rounds, "timing": "best of interleaved rounds", "codecs": results}

@@ -34,7 +34,6 @@ def bench_inference(arch: str, input_size: int, batch_sizes: tuple[int, ...], wo
     onnx_path = untrained_onnx(arch, input_size, work)
     model, _ = load_checkpoint(untrained_checkpoint(arch, input_size, work))
     model.eval()
-    card = read_card(onnx_path)
     rows = []
     rng = np.random.default_rng(0)
     for bs in batch_sizes:
@@ -47,8 +46,10 @@ def bench_inference(arch: str, input_size: int, batch_sizes: tuple[int, ...], wo
         for name, ok in available_backends().items():
             if not ok or name in ("tensorrt",):
                 continue
+            # the torch backend runs the training checkpoint; the others the exported ONNX
+            model_file = untrained_checkpoint(arch, input_size, work) if name == "torch" else onnx_path
             try:
-                backend = load_backend(name, onnx_path, card, BackendOptions(max_batch=bs))
+                backend = load_backend(name, model_file, read_card(model_file), BackendOptions(max_batch=bs, device="cpu"))
             except Exception as exc:  # a backend that cannot run here is reported, not fatal
                 row[name] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
                 continue

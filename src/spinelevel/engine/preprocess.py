@@ -15,6 +15,7 @@ implementations (DALI, torch) all call it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -75,17 +76,38 @@ def _axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.nda
     return i0, i1, w1
 
 
+@lru_cache(maxsize=1)
+def _cv2():  # noqa: ANN202
+    """OpenCV when installed (its INTER_LINEAR is this module's convention, about 3x faster)."""
+    try:
+        import cv2
+    except ImportError:
+        return None
+    return cv2
+
+
 def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize the last two axes of ``x`` to ``size`` (height, width) bilinearly, float32.
 
     Half-pixel centres, no antialiasing, edges replicated. Returns ``x`` itself (as float32) when
-    the size already matches.
+    the size already matches. Uses OpenCV's ``INTER_LINEAR`` (the same convention; agreement with
+    the numpy path below is tested to 1e-5) when it is installed.
     """
     x = np.asarray(x, dtype=np.float32)
     h_out, w_out = int(size[0]), int(size[1])
     h_in, w_in = x.shape[-2], x.shape[-1]
     if (h_in, w_in) == (h_out, w_out):
         return x
+    cv2 = _cv2()
+    if cv2 is not None and x.ndim in (2, 3):
+        if x.ndim == 2:
+            return cv2.resize(x, (w_out, h_out), interpolation=cv2.INTER_LINEAR)
+        return np.stack([cv2.resize(c, (w_out, h_out), interpolation=cv2.INTER_LINEAR) for c in x])
+    return _resize_numpy(x, h_out, w_out)
+
+
+def _resize_numpy(x: np.ndarray, h_out: int, w_out: int) -> np.ndarray:
+    h_in, w_in = x.shape[-2], x.shape[-1]
     y0, y1, wy = _axis_weights(h_in, h_out)
     x0, x1, wx = _axis_weights(w_in, w_out)
     # np.take is faster than fancy indexing for these gathers

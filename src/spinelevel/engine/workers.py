@@ -115,6 +115,13 @@ def _warm_up() -> int:
 def _init_worker() -> None:
     # Ctrl-C reaches the whole process group: the parent decides how to stop, not the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The pool is the parallelism: one OpenCV thread per worker process avoids oversubscription.
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except ImportError:
+        pass
     # A parent killed with SIGKILL cannot shut the pool down: let the kernel end the workers too
     # (Linux prctl PR_SET_PDEATHSIG), so no orphan holds files, pipes or memory.
     if sys.platform.startswith("linux"):
