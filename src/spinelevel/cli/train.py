@@ -1,0 +1,129 @@
+"""`spinelevel train`: train an EfficientNetV2 slice classifier on labelled DICOM, phantom or NIfTI data."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from spinelevel.cli import app
+from spinelevel.cli._common import fail_cleanly, setup_logging, stderr
+
+__all__ = ["RichTrainProgress", "train"]
+
+
+class RichTrainProgress:
+    """Rich progress: decoding slices into memory, then one bar per epoch with running loss/accuracy."""
+
+    def __init__(self, enabled: bool) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=stderr,
+            disable=not enabled,
+        )
+        self.task = None
+
+    def __enter__(self) -> RichTrainProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def loading(self, total: int) -> None:
+        self.task = self.progress.add_task("decoding slices", total=total, info="")
+
+    def loaded(self, done: int) -> None:
+        self.progress.update(self.task, completed=done)
+
+    def epoch_started(self, epoch: int, epochs: int, batches: int) -> None:
+        self.task = self.progress.add_task(f"epoch {epoch}/{epochs}", total=batches, info="")
+
+    def batch_done(self, loss: float, acc: float) -> None:
+        self.progress.update(self.task, advance=1, info=f"loss {loss:.4f} acc {acc:.3f}")
+
+    def epoch_done(self, row: dict[str, float]) -> None:
+        self.progress.update(
+            self.task,
+            info=f"loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} | {row['seconds']:.0f} s",
+        )
+
+
+@app.command("train")
+def train(
+    data: Annotated[list[Path], typer.Argument(help="DICOM folders/archives, phantom folders (labels found inside) or NIfTI case folders (ct.nii.gz + vertebra masks).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory: best/last .safetensors + card, history.csv/png, train.log.")],
+    labels: Annotated[list[Path] | None, typer.Option("--labels", "-l", help="Labels table(s) (Parquet/CSV: series_uid, sop_uid, level) for DICOM inputs; repeatable.")] = None,
+    arch: Annotated[str, typer.Option("--arch", help="timm model name (any EfficientNetV2).")] = "tf_efficientnetv2_m",
+    input_size: Annotated[int, typer.Option("--input-size", min=16, help="Square model input in pixels.")] = 512,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Epochs (in total, when resuming).")] = 100,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Slices per step.")] = 16,
+    lr: Annotated[float, typer.Option("--lr", min=0.0, help="Adam learning rate.")] = 1e-4,
+    schedule: Annotated[str, typer.Option("--schedule", help="Learning-rate schedule: constant (the paper) or cosine.")] = "constant",
+    pretrained: Annotated[Path | None, typer.Option("--pretrained", help="Local ImageNet weights (.safetensors/.pth); default: timm's local cache if it has them.")] = None,
+    no_cache_weights: Annotated[bool, typer.Option("--from-scratch", help="Do not look for pretrained weights in the local cache.")] = False,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.0, max=0.95, help="Share of patients/studies/series for validation.")] = 0.2,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of split, initialisation, sampling and augmentation.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
+    class_weights: Annotated[str, typer.Option("--class-weights", help="Loss class weights: none, balanced or sqrt.")] = "none",
+    samples_per_epoch: Annotated[int | None, typer.Option("--samples-per-epoch", min=1, help="Random training slices per epoch (default: all).")] = None,
+    max_val_slices: Annotated[int | None, typer.Option("--max-val-slices", min=1, help="Validate on at most this many (evenly spaced) slices.")] = None,
+    no_augment: Annotated[bool, typer.Option("--no-augment", help="Switch augmentation off.")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="PyTorch CPU threads (default: all cores).")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Data loader processes.")] = 0,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Decode slices every epoch instead of keeping them in memory.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Train a slice classifier (the paper's recipe by default) and write checkpoints with cards."""
+    setup_logging(verbose)
+    # train.log gets the INFO record of the run; the terminal only warnings (unless --verbose).
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    with fail_cleanly():
+        from spinelevel.training import require_torch
+
+        require_torch()
+        from spinelevel.training.augment import AugmentSpec
+        from spinelevel.training.train import TrainConfig
+        from spinelevel.training.train import train as run_training
+
+        config = TrainConfig(
+            out=out,
+            arch=arch,
+            input_size=input_size,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            schedule=schedule,
+            pretrained=pretrained,
+            use_cache=not no_cache_weights,
+            val_fraction=val_fraction,
+            seed=seed,
+            resume=resume,
+            class_weights=class_weights,
+            samples_per_epoch=samples_per_epoch,
+            max_val_slices=max_val_slices,
+            augment=AugmentSpec(enabled=not no_augment),
+            device=device,
+            threads=threads,
+            workers=workers,
+            cache=not no_cache,
+        )
+        with RichTrainProgress(not quiet and stderr.is_terminal) as progress:
+            result = run_training(data, labels or [], config, progress)
+    if not quiet:
+        stderr.print(
+            f"best epoch {result.best_epoch}: val loss {result.best_val_loss:.4f}, val acc {result.best_val_acc:.4f}; "
+            f"checkpoint {result.best} (classes {', '.join(result.classes)}); history {result.history}"
+        )
