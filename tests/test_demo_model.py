@@ -1,0 +1,67 @@
+"""The bundled demo model: present, carded, resolvable as 'demo', and it classifies a phantom slice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spinelevel.card import read_card
+from spinelevel.errors import ModelError
+from spinelevel.levels import CLASSES
+from spinelevel.models import bundled_models, resolve_model
+
+
+def test_demo_resolves_to_the_bundled_file() -> None:
+    path = resolve_model("demo")
+    assert path == bundled_models()["demo"] and path.name == "levels_demo.onnx" and path.is_file()
+    assert path.stat().st_size < 40e6  # small enough to ship in the package
+
+
+def test_paths_win_over_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").write_bytes(b"x")
+    assert resolve_model("demo") == Path("demo")
+    assert resolve_model(tmp_path / "other.onnx") == tmp_path / "other.onnx"
+
+
+def test_missing_bundled_file_is_a_model_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import spinelevel.models as models
+
+    monkeypatch.setattr(models, "_HERE", tmp_path)
+    with pytest.raises(ModelError, match="demo"):
+        models.resolve_model("demo")
+
+
+def test_demo_card_and_classes() -> None:
+    card = read_card(resolve_model("demo"))
+    assert card.classes == CLASSES
+    assert card.output == "probabilities"
+    assert card.extra["architecture"].startswith("tf_efficientnetv2_b0")
+    assert card.input_size[0] == card.input_size[1] and 128 <= card.input_size[0] <= 256
+    training = card.extra["training"]
+    assert training["seed"] == 0 and training["best_epoch"] >= 1 and training["data"]["slices"] > 1000
+    assert card.extra["parity"]["max_abs_diff"] <= card.extra["parity"]["tolerance"]
+    model_card = resolve_model("demo").with_name("MODEL_CARD.md").read_text()
+    assert "phantoms, not patients" in model_card and "accuracy after sequence decoding" in model_card
+
+
+def test_demo_model_reads_a_phantom_lumbar_slice() -> None:
+    import onnxruntime as ort
+
+    from spinelevel.engine.preprocess import PreprocessSpec, preprocess_batch
+    from spinelevel.phantom import Anatomy, PhantomOptions, plan_study
+
+    path = resolve_model("demo")
+    card = read_card(path)
+    spec = plan_study(PhantomOptions(studies=1, seed=987654, size=256, coverage="chest_abdomen_pelvis"), 0)
+    anatomy = Anatomy(spec)
+    l3 = next(v for v in spec.vertebrae if v.name == "L3")
+    z = (l3.top_z + l3.bottom_z) / 2
+    x = preprocess_batch([anatomy.render(float(z))], PreprocessSpec.from_card(card))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    p = sess.run(None, {sess.get_inputs()[0].name: x})[0][0]
+    assert abs(float(p.sum()) - 1.0) < 1e-4
+    # A mid-L3 slice of an unseen phantom: L3 or a neighbour, never thoracic or sacral.
+    assert card.classes[int(np.argmax(p))] in ("L2", "L3", "L4")
