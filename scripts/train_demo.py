@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "src" / "spinelevel" / "models" / "demo"
 
 # The recipe of the shipped demo model; MODEL_CARD.md quotes it. Two phases, because two shared CPU
-# cores are slow: one epoch at 160 px from scratch, then fine-tuning at 128 px from its weights.
+# cores are slow: one epoch at 160 px from scratch, then two fine-tuning phases at 128 px.
 RECIPE = {
     "train_seed": 1000,
     "train_studies": 20,
@@ -142,9 +142,10 @@ on labelled CT (`spinelevel train`, the paper's recipe) and export your own mode
   split by study: {RECIPE['val_fraction']:.0%} of studies for validation ({tr.get('val_slices')} validation slices used).
 - Recipe: Adam lr {RECIPE['lr']} ({RECIPE['schedule']} schedule per phase), batch {RECIPE['batch_size']}, cross-entropy
   with `{RECIPE['class_weights']}` class weights, augmentation by rotation (+-10 deg), zoom (+-10 %), vertical and
-  horizontal flips; seed {RECIPE['seed']} (split, initialisation, sampling, augmentation). Two phases:
+  horizontal flips; seed {RECIPE["seed"]} (split, initialisation, sampling, augmentation). Phases, each initialised from the one before:
 {phases}
-- Best epoch by validation loss: {tr.get('best_epoch')} (val loss {tr.get('best_val_loss')}, val accuracy {tr.get('best_val_acc')}).
+- Last phase: {tr.get('epochs_done')} of {tr.get('epochs')} planned epochs done{' (stopped early for time on shared CPUs; rerun the train stage to finish it, it resumes)' if tr.get('epochs_done') != tr.get('epochs') else ''}.
+- Best epoch of the last phase by validation loss: {tr.get('best_epoch')} (val loss {tr.get('best_val_loss')}, val accuracy {tr.get('best_val_acc')}).
 - Trained on 2 CPU cores (torch {tr.get('torch')}).
 
 History (history.csv):

@@ -401,6 +401,10 @@ def train(paths: Sequence[Path], labels: Sequence[Path], config: TrainConfig, pr
     try:
         return _train(paths, labels, config, progress, out, state_file)
     finally:
+        import torch
+
+        # _train flushes denormals to zero for speed; that is process-wide CPU state, so undo it
+        torch.set_flush_denormal(False)
         pkg_logger.removeHandler(handler)
         pkg_logger.setLevel(old_level)
         handler.close()
