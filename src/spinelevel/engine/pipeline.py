@@ -46,6 +46,8 @@ __all__ = [
     "finish_series",
     "forget_everything",
     "manifest_entry",
+    "check_run_inputs",
+    "new_run_id",
     "start_history",
     "scan_and_select",
     "start_series",
@@ -341,6 +343,30 @@ def _write_series(writer: RunWriter, plan: SeriesPlan, key: str, result: SeriesR
     )
 
 
+def check_run_inputs(paths: list[Path], options: RunOptions) -> list[Path]:
+    """Refuse bad options and missing inputs before anything is loaded; returns the paths."""
+    if options.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {options.batch_size}")
+    if options.workers < 0:
+        raise InputError(f"--workers must be 0 or more, got {options.workers}")
+    if options.rows_per_part < 1:
+        raise InputError(f"--rows-per-part must be at least 1, got {options.rows_per_part}")
+    if options.select.min_slices < 1:
+        raise InputError(f"--min-slices must be at least 1, got {options.select.min_slices}")
+    out = [Path(p) for p in paths]
+    if not out:
+        raise InputError("no input path given")
+    for p in out:
+        if not os.path.lexists(p):
+            raise InputError(f"{p}: no such file or directory")
+    return out
+
+
+def new_run_id() -> str:
+    """A run id that sorts by start time: UTC timestamp plus a random suffix."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
 def manifest_entry(run_id: str, started_at: str, model: Path, model_sha: str, card: ModelCard, choice, options: RunOptions, mode: str, paths: list[Path], extra_options: dict) -> dict:  # noqa: ANN001
     """This run's entry of run.json (updated with status, counts and times when it ends)."""
     return {
@@ -491,23 +517,10 @@ def run(paths: list[Path], model: Path, out: Path, options: RunOptions = RunOpti
         OutputError: the output directory cannot be written.
     """
     progress = progress or NoProgress()
-    if options.batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {options.batch_size}")
-    if options.workers < 0:
-        raise InputError(f"--workers must be 0 or more, got {options.workers}")
-    if options.rows_per_part < 1:
-        raise InputError(f"--rows-per-part must be at least 1, got {options.rows_per_part}")
-    if options.select.min_slices < 1:
-        raise InputError(f"--min-slices must be at least 1, got {options.select.min_slices}")
-    paths = [Path(p) for p in paths]
-    if not paths:
-        raise InputError("no input path given")
-    for p in paths:
-        if not os.path.lexists(p):
-            raise InputError(f"{p}: no such file or directory")
+    paths = check_run_inputs(paths, options)
     started = time.perf_counter()
     started_at = now()
-    run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+    run_id = new_run_id()
 
     from spinelevel.engine.cuda import choose_backend
     from spinelevel.models import resolve_model

@@ -26,11 +26,9 @@ that repeats a result cannot duplicate a row.
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import os
 import re
-import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -53,6 +51,8 @@ from spinelevel.errors import BackendUnavailableError, InputError, ModelError, S
 # Helpers of the single-machine pipeline, shared so both paths stay identical.
 from spinelevel.engine.pipeline import (
     NoProgress,
+    check_run_inputs,
+    new_run_id,
     RunOptions,
     RunProgress,
     RunSummary,
@@ -376,12 +376,7 @@ def run_on_ray(paths: list[Path], model: Path, out: Path, options: RunOptions = 
     """
     progress = progress or NoProgress()
     _require_ray()
-    if options.batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {options.batch_size}")
-    if options.rows_per_part < 1:
-        raise InputError(f"--rows-per-part must be at least 1, got {options.rows_per_part}")
-    if options.select.min_slices < 1:
-        raise InputError(f"--min-slices must be at least 1, got {options.select.min_slices}")
+    paths = check_run_inputs(paths, options)
     if options.preprocess != "numpy":
         raise InputError(f"--preprocess {options.preprocess} is not available with --ray; the decode tasks preprocess with numpy (drop --preprocess)")
     if ray_options.gpus_per_worker < 0 or ray_options.cpus_per_worker <= 0:
@@ -395,15 +390,9 @@ def run_on_ray(paths: list[Path], model: Path, out: Path, options: RunOptions = 
             f"--out {out}: with --ray the driver writes the output through the local filesystem (atomic renames and a "
             "lock); give a local or network-mounted path (NFS, a FUSE mount of the bucket), see docs/ray.md"
         )
-    paths = [Path(p) for p in paths]
-    if not paths:
-        raise InputError("no input path given")
-    for p in paths:
-        if not os.path.lexists(p):
-            raise InputError(f"{p}: no such file or directory")
     started = time.perf_counter()
     started_at = now()
-    run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+    run_id = new_run_id()
 
     from spinelevel.models import resolve_model
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import bz2
 import gzip
-import io
 import lzma
 import threading
 import zipfile
@@ -16,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import IO, Literal
 
-__all__ = ["Source", "read_source", "open_source", "tar_compression"]
+__all__ = ["Source", "read_source", "tar_compression"]
 
 SourceKind = Literal["file", "zip", "tar"]
 
@@ -133,10 +132,3 @@ def read_source(src: Source, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise OSError(f"file is over the {max_bytes}-byte limit")
     return data
-
-
-def open_source(src: Source, max_bytes: int) -> IO[bytes]:
-    """A seekable binary stream over one input file (plain files are not read ahead)."""
-    if src.kind == "file":
-        return open(src.path, "rb")
-    return io.BytesIO(read_source(src, max_bytes))

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from spinelevel.report.figure import save_figure
+
 __all__ = ["normalise_rows", "plot_confusion"]
 
 
@@ -48,10 +50,4 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: st
                 text = format(int(v), "d") if fmt == "d" else format(float(v), fmt)
                 ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if v > 0.5 * vmax else "black")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from spinelevel.report.figure import save_figure
+
 __all__ = ["plot_history"]
 
 
@@ -31,10 +33,4 @@ def plot_history(rows: Sequence[Mapping[str, float]], path: Path, title: str = "
         ax.set_title(name)
         ax.grid(alpha=0.3)
         ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
