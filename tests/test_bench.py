@@ -34,3 +34,38 @@ def test_end_to_end_bench_compares_full_and_sparse(tmp_path: Path, model_path: P
     assert sparse["evaluated_slices"] <= full["evaluated_slices"]
     assert full["peak_rss_mib"] > 10
     assert 0 <= result["agreement"]["slice_level_agreement"] <= 1
+
+
+def test_sparse_replay_reproduces_the_engine(tmp_path: Path, model_path: Path) -> None:
+    """benchmarks/sparse_replay.py, run on a full run's probabilities, evaluates exactly the slices a
+    real sparse run evaluated and decodes the same levels."""
+    import importlib.util
+
+    import pyarrow.parquet as pq
+
+    spec = importlib.util.spec_from_file_location("sparse_replay", Path(__file__).parents[1] / "benchmarks" / "sparse_replay.py")
+    assert spec is not None and spec.loader is not None
+    replay_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replay_mod)
+    from spinelevel.engine.sampling import SamplingOptions
+
+    archive = phantom_archive(tmp_path, 1, 64, coverage="lumbar", thickness_mm=2.5, localizer_probability=0.0, dose_report_probability=0.0, second_recon_probability=0.0)
+    result = bench_full_vs_sparse(archive, model_path, tmp_path, workers=0)
+    classes, series = replay_mod.load_series(tmp_path / "e2e_full")
+    row = replay_mod.replay(series, classes, SamplingOptions(mode="sparse"))
+    sparse = result["sparse"]
+    assert row["evaluated_fraction"] == round(sparse["evaluated_slices"] / sparse["slices"], 4)
+    assert row["slice_level_agreement"] == result["agreement"]["slice_level_agreement"]
+    real = pq.read_table(tmp_path / "e2e_sparse" / "slices", columns=["evaluated"]).column("evaluated").to_pylist()
+    assert sum(real) == sparse["evaluated_slices"]
+
+
+def test_bench_cli_rejects_bad_scaling_sizes(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from spinelevel.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "--scaling", "1,zero", "--only", "scaling", "--work", str(tmp_path), "--out", str(tmp_path / "b.json")])
+    assert result.exit_code != 0
+    assert "--scaling" in result.output
+    assert not (tmp_path / "b.json").exists()

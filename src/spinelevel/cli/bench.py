@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +20,7 @@ def bench(
     work: Annotated[Path, typer.Option("--work", help="Scratch directory for phantom archives and models (kept, reused).")] = Path(".bench-work"),
     model: Annotated[Path | None, typer.Option("--model", "-m", help="ONNX model for the end-to-end runs (default: the demo model).")] = None,
     only: Annotated[list[str] | None, typer.Option("--only", help="Run only these sections: decode, inference, end_to_end, scaling.")] = None,
+    scaling: Annotated[str | None, typer.Option("--scaling", help="Archive sizes of the scaling section, in studies, comma-separated (default 1,4,16; --quick 1,2,4), e.g. 1,4,16,50.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Decode, inference, end-to-end and scaling throughput, written as JSON."""
@@ -34,11 +36,26 @@ def bench(
         bad = [s for s in sections if s not in ("decode", "inference", "end_to_end", "scaling")]
         if bad:
             raise InputError(f"--only {', '.join(bad)}: choose from decode, inference, end_to_end, scaling")
-        result = run_suite(QUICK if quick else FULL, work, model, sections)
+        config = QUICK if quick else FULL
+        if scaling is not None:
+            config = replace(config, scaling_sizes=_sizes(scaling))
+        result = run_suite(config, work, model, sections)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     stderr.print(f"benchmarks written to {out} ({result['seconds']} s)")
     stdout.print_json(json.dumps(_summary(result)))
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    from spinelevel.errors import InputError
+
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise InputError(f"--scaling {text!r}: give study counts of at least 1, comma-separated, e.g. 1,4,16,50")
+    return sizes
 
 
 def _summary(result: dict) -> dict:

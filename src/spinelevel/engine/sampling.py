@@ -8,9 +8,12 @@ the few slices around each level boundary. The sparse search:
 3. bisects every gap between two neighbouring evaluated slices whose decoded levels differ, until
    each boundary lies between two adjacent slices; a monotone sequence cannot hide a level between
    two samples of the same level, so nothing is missed that the model would have seen;
-4. where the evaluated slices look inconsistent (argmax disagrees with the decoded order, or the
-   top probability is low), evaluates every slice within one stride of them and searches again; a
-   series that needs more than ``max_fraction`` of its slices this way is evaluated in full.
+4. where an evaluated slice looks doubtful (its argmax disagrees with the decoded order, or its top
+   probability is low), evaluates its nearest unevaluated neighbour on each side and searches again,
+   round after round, so that every doubtful stretch (typically the few slices where the model
+   hesitates between two levels at a boundary) grows until it is evaluated end to end and bounded by
+   confident, consistent slices; there the decoding has the same evidence as a full pass. A series
+   that needs more than ``max_fraction`` of its slices is evaluated in full.
 
 Unevaluated slices take their level from the decoded order (``label_series`` with ``evaluated``).
 """
@@ -39,8 +42,9 @@ class SamplingOptions:
     stride_mm: float = 20.0
     # An evaluated slice whose top probability is below this is 'doubtful' and gets neighbours.
     min_confidence: float = 0.6
-    # Rounds of densification around doubtful slices before giving up on sparsity.
-    densify_rounds: int = 2
+    # Rounds of growing doubtful stretches by one slice on each side; bounds the slices spent on
+    # one stretch to about twice this.
+    densify_rounds: int = 8
     # Above this fraction of evaluated slices a series is simply evaluated in full.
     max_fraction: float = 0.6
 
@@ -96,29 +100,31 @@ class SeriesSampler:
         """More slices to evaluate, or [] when the series is settled."""
         if self.mode == "full":
             return []
-        while True:
-            fresh = self._bisect()
-            if fresh:
-                return self._request(fresh)
-            if self._densified >= self.options.densify_rounds:
-                return []
-            doubtful = self._doubtful()
-            self._densified += 1
-            if not doubtful:
-                return []
-            window = set()
-            for i in doubtful:
-                window.update(range(max(0, i - self.step), min(self.n, i + self.step + 1)))
-            fresh = [i for i in sorted(window) if self._open(i)]
-            if self.evaluated.sum() + len(fresh) > self.options.max_fraction * self.n:
-                fresh = [i for i in range(self.n) if self._open(i)]
-            if fresh:
-                return self._request(fresh)
+        fresh = self._bisect()
+        if fresh:
+            return self._request(fresh)
+        if self._densified >= self.options.densify_rounds:
+            return []
+        self._densified += 1
+        fresh = sorted({j for i in self._doubtful() for j in (self._neighbour(i, -1), self._neighbour(i, 1)) if j is not None})
+        if fresh and self.evaluated.sum() + len(fresh) > self.options.max_fraction * self.n:
+            fresh = [i for i in range(self.n) if self._open(i)]
+        return self._request(fresh)
 
     # -- internals --------------------------------------------------------------------------
 
     def _open(self, i: int) -> bool:
         return not (self.requested[i] or self.failed[i])
+
+    def _neighbour(self, i: int, direction: int) -> int | None:
+        """The next slice from ``i`` in ``direction`` that can still be asked for, skipping broken
+        ones; None when that side is already evaluated (or the series ends)."""
+        j = i + direction
+        while 0 <= j < self.n and self.failed[j]:
+            j += direction
+        if 0 <= j < self.n and self._open(j):
+            return j
+        return None
 
     def _request(self, idx: list[int]) -> list[int]:
         out = [i for i in idx if self._open(i)]
