@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 
 _CRASH_REASON = "the decoder crashed its worker process on this file"
 
+# Testing only: a SOPInstanceUID; a worker process asked to decode that slice dies on the spot
+# (os._exit), as a decoder that segfaults would, so tests can check the pool's recovery.
+CRASH_SOP_ENV = "SPINELEVEL_DECODE_CRASH_SOP"
+
 
 @dataclass(frozen=True)
 class DecodeTask:
@@ -77,7 +81,10 @@ def prepare(task: DecodeTask) -> Prepared:
     arrays: list[np.ndarray] = []
     packed: list = []
     failures: list[tuple[int, str]] = []
+    crash_sop = os.environ.get(CRASH_SOP_ENV)
     for index, src, sop in zip(task.indices, task.sources, task.sop_uids):
+        if crash_sop and sop == crash_sop and multiprocessing.parent_process() is not None:
+            os._exit(70)
         try:
             if task.preprocess == "dali":
                 from spinelevel.engine.dali import pack_slice

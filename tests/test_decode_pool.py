@@ -1,0 +1,64 @@
+"""The decode pool survives a worker process that dies on a file, as a crashing decoder would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from spinelevel.card import ModelCard
+from spinelevel.engine.preprocess import PreprocessSpec
+from spinelevel.engine.sources import Source
+from spinelevel.engine.workers import CRASH_SOP_ENV, DecodePool, DecodeTask
+
+
+def _tasks(files: list[Path], spec: PreprocessSpec, per_task: int = 2) -> list[DecodeTask]:
+    sops = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+    return [
+        DecodeTask(0, tuple(range(i, min(i + per_task, len(files)))), tuple(Source(str(f)) for f in files[i : i + per_task]), tuple(sops[i : i + per_task]), spec, 1 << 30)
+        for i in range(0, len(files), per_task)
+    ]
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> list[Path]:
+    from spinelevel.phantom import PhantomOptions, generate
+
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "p"
+    generate(root, PhantomOptions(studies=1, seed=5, size=64, coverage="lumbar", thickness_mm=5.0, localizer_probability=0, dose_report_probability=0, second_recon_probability=0))
+    return [root / p for p in pq.read_table(root / "labels.parquet", columns=["path"]).column("path").to_pylist()][:12]
+
+
+def test_a_worker_that_dies_costs_only_its_task(files: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = PreprocessSpec.from_card(ModelCard(input_size=(32, 32)))
+    tasks = _tasks(files, spec)
+    victim = tasks[2]
+    monkeypatch.setenv(CRASH_SOP_ENV, victim.sop_uids[1])
+    results = {}
+    with DecodePool(2, max_in_flight=4) as pool:
+        for task in tasks:
+            pool.submit(task)
+        while pool.pending():
+            got = pool.get()
+            results[got.indices or tuple(i for i, _ in got.failures)] = got
+    # every task came back once; the one with the crashing file lost its slices, recorded as failed
+    assert sorted(i for key in results for i in key) == list(range(len(files)))
+    crashed = results[victim.indices]
+    assert crashed.indices == () and [i for i, _ in crashed.failures] == list(victim.indices)
+    assert all("crashed its worker process" in reason for _, reason in crashed.failures)
+    # the tasks in flight beside it were retried on a fresh pool and decoded in full
+    for task in tasks:
+        if task is not victim:
+            assert results[task.indices].failures == () and results[task.indices].array.shape == (2, 3, 32, 32)
+
+
+def test_the_hook_never_fires_in_the_main_process(files: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = PreprocessSpec.from_card(ModelCard(input_size=(32, 32)))
+    task = _tasks(files, spec)[0]
+    monkeypatch.setenv(CRASH_SOP_ENV, task.sop_uids[0])
+    with DecodePool(0) as pool:
+        pool.submit(task)
+        assert pool.get().indices == task.indices
