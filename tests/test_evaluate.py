@@ -102,11 +102,14 @@ def test_vertebrae_table_gives_the_l3_extent(tmp_path: Path) -> None:
     pq.write_table(pa.Table.from_pylist([
         {"series_uid": "A", "vertebra": "L3", "level": "L3", "top_z_mm": -15.0, "bottom_z_mm": -31.0},
         {"series_uid": "A", "vertebra": "L4", "level": "L4", "top_z_mm": -33.0, "bottom_z_mm": -40.0},
+        # B (z 0 to -20 mm) stops above its L3: outside its field of view, so B stays 'absent'
+        {"series_uid": "B", "vertebra": "L3", "level": "L3", "top_z_mm": -60.0, "bottom_z_mm": -85.0},
     ]), vert)
     m = evaluate_run(run, lab, tmp_path / "eval", EvaluateOptions(vertebrae=vert, plot=False))
     # A: middle -23 -> error 3; C and D still from their labelled slices.
     assert m["l3_error_mm_median"] == pytest.approx((3.0 + 7.5) / 2)
     assert m["l3_extent_from"] == "vertebrae table"
+    assert (m["l3_series"], m["l3_missed"], m["l3_absent"]) == (3, 1, 1)
     assert not (tmp_path / "eval" / "confusion_matrix.png").exists()
 
 

@@ -10,7 +10,8 @@ excluded slices are left out, as in training). Metrics (``metrics.json``):
 - ``confusion_matrix``: counts, rows = label, columns = decoded level, both in ``classes`` order;
 - L3: for every series with a labelled L3 vertebra, the labelled L3 extent is the z range of its
   L3-labelled slices, or the vertebra's ``top_z_mm``/``bottom_z_mm`` from a ``vertebrae.parquet``
-  (phantom) when given; the error is ``|z_pick - z_middle|`` in mm. ``l3_inside`` is the share of
+  (phantom) when given and some slice of the series lies within it (a partial scan that stops
+  short of L3 has no L3 to find); the error is ``|z_pick - z_middle|`` in mm. ``l3_inside`` is the share of
   such series whose pick lies inside the extent, ``l3_within_5mm``/``l3_within_10mm`` the share
   inside the extent or within that distance of its middle. A series without a pick counts as a
   miss in these shares and is left out of ``l3_error_mm_median``/``_mean`` (``l3_missed`` counts them).
@@ -113,6 +114,12 @@ def _vertebra_extents(path: Path) -> dict[str, tuple[float, float]]:
     return out
 
 
+def _reaches(rows: list[dict[str, Any]], extent: tuple[float, float]) -> bool:
+    """Whether any slice of the series lies within the vertebra's z extent."""
+    lo, hi = extent
+    return any(lo - 1e-6 <= float(r["z_mm"]) <= hi + 1e-6 for r in rows)
+
+
 def evaluate_run(run_dir: Path, labels: Path, out: Path, options: EvaluateOptions = EvaluateOptions()) -> dict[str, Any]:
     """Compare a run's output with labels; write metrics.json, per_series.csv, confusion_matrix.png.
 
@@ -154,7 +161,11 @@ def evaluate_run(run_dir: Path, labels: Path, out: Path, options: EvaluateOption
                 argmax_hits += int(r["level_argmax"] == t)
         srow = series_rows.get(uid, {})
         l3_z = [table.z_mm.get(r["sop_uid"], r["z_mm"]) for r, t in labelled if t == "L3"]
-        extent = extents_v.get(uid) or ((min(l3_z), max(l3_z)) if l3_z else None)
+        extent = extents_v.get(uid)
+        if extent is not None and not _reaches(rows, extent):
+            extent = None  # the vertebra is outside this series' field of view (a partial scan)
+        if extent is None and l3_z:
+            extent = (min(l3_z), max(l3_z))
         pick = srow.get("l3_z_mm")
         rec: dict[str, Any] = {
             "series_uid": uid,
