@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -81,14 +80,12 @@ def test_label_series_validates_classes() -> None:
 # ---------------------------------------------------------------- decode_sequence
 
 
-def _penalised(scores: np.ndarray, labels: Sequence[int], skip_penalty: float) -> float:
-    skips = sum(max(b - a - 1, 0) for a, b in zip(labels, labels[1:]))
-    return float(scores[np.arange(len(labels)), list(labels)].sum()) - skip_penalty * skips
-
-
-def _brute_force_best(scores: np.ndarray, skip_penalty: float = 0.0) -> float:
+def _brute_force_best(scores: np.ndarray) -> float:
     n, k = scores.shape
-    return max(_penalised(scores, labels, skip_penalty) for labels in itertools.combinations_with_replacement(range(k), n))
+    return max(
+        float(scores[np.arange(n), list(labels)].sum())
+        for labels in itertools.combinations_with_replacement(range(k), n)
+    )
 
 
 @settings(max_examples=150, deadline=None)
@@ -107,36 +104,6 @@ def test_decode_sequence_is_monotone_and_optimal(scores: np.ndarray) -> None:
     assert labels.min() >= 0 and labels.max() < scores.shape[1]
     score = float(scores[np.arange(len(labels)), labels].sum())
     assert score == pytest.approx(_brute_force_best(scores), abs=1e-9)
-
-
-@settings(max_examples=150, deadline=None)
-@given(
-    hnp.arrays(
-        np.float64,
-        st.tuples(st.integers(1, 6), st.integers(1, 4)),
-        elements=st.floats(-10.0, 0.0, allow_nan=False, allow_subnormal=False),
-    ),
-    st.sampled_from([0.0, 0.5, 3.0, 50.0]),
-)
-def test_decode_sequence_with_a_skip_penalty_is_optimal(scores: np.ndarray, skip_penalty: float) -> None:
-    labels = decode_sequence(scores, skip_penalty)
-    assert (np.diff(labels) >= 0).all()
-    assert _penalised(scores, labels.tolist(), skip_penalty) == pytest.approx(_brute_force_best(scores, skip_penalty), abs=1e-9)
-
-
-def test_skip_penalty_fills_a_missing_level() -> None:
-    # The model never prefers L3 (index 3) but it is second best between L2 and L4: without the
-    # prior the decoding jumps L2 -> L4; with it, L3 takes the slices where it is least unlikely.
-    p = np.full((6, 7), 0.01)
-    for i, (first, second) in enumerate([(2, 3), (2, 3), (2, 3), (4, 3), (4, 3), (4, 3)]):
-        p[i, first], p[i, second] = 0.6, 0.3 + 0.01 * i
-    logp = np.log(p)
-    assert decode_sequence(logp).tolist() == [2, 2, 2, 4, 4, 4]
-    assert decode_sequence(logp, skip_penalty=3.0).tolist() == [2, 2, 2, 3, 4, 4]  # the cheapest slice to give up
-    # strong evidence still wins over the prior
-    assert decode_sequence(logp, skip_penalty=0.1).tolist() == [2, 2, 2, 4, 4, 4]
-    with pytest.raises(ValueError):
-        decode_sequence(logp, skip_penalty=-1.0)
 
 
 @settings(max_examples=50, deadline=None)

@@ -12,8 +12,6 @@ engine.
 
 from __future__ import annotations
 
-import math
-
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,10 +36,6 @@ CLASSES: tuple[str, ...] = ("T", "L1", "L2", "L3", "L4", "L5", "S")
 # Probabilities are clipped here before the log so that a confident model's exact zeros cost a large
 # but finite amount instead of -inf (which would make every labelling through that slice tie).
 _MIN_PROB = 1e-7
-
-# Cost in nats of every class skipped between neighbouring slices when decoding (see
-# decode_sequence): the prior that no vertebra is missing between two present ones.
-SKIP_PENALTY = 0.0
 
 # The vertebrae whose run lengths stand for "a normal vertebra" when judging whether the L5 run is
 # too long to be one vertebra.
@@ -157,17 +151,14 @@ class SeriesLevels:
     flags: tuple[str, ...]
 
 
-def decode_sequence(log_probs: np.ndarray, skip_penalty: float = 0.0) -> np.ndarray:
-    """Find the anatomically ordered labelling with the highest score.
+def decode_sequence(log_probs: np.ndarray) -> np.ndarray:
+    """Find the anatomically ordered labelling with the highest summed log-probability.
 
     Rows are slices ordered superior -> inferior, columns are classes in anatomical order. The
-    result is non-decreasing and maximises ``sum(log_probs[i, labels[i]])`` minus ``skip_penalty``
-    for every class jumped over between consecutive slices (a labelling ``L2 L2 L4`` skips one
-    class), among all non-decreasing labellings. The penalty is a prior that vertebrae are not
-    missing from the middle of a spine: with ``skip_penalty = s`` nats a skip needs the model's
-    evidence against the skipped class to outweigh ``s``; 0 gives the plain maximum-likelihood
-    ordered labelling. The dynamic programme keeps, per slice and class, the best score of a
-    labelling that ends there (O(n * k^2); O(n * k) through a running maximum when the penalty is 0).
+    result is non-decreasing and maximises ``sum(log_probs[i, labels[i]])`` among all non-decreasing
+    labellings. The dynamic programme keeps, per slice and class, the best score of a labelling that
+    ends there; the predecessor is the best of the classes at or above it, found with a running
+    maximum, so the work is O(n * k).
 
     Ties are broken deterministically: the last slice takes the lowest-index class among the best,
     and walking back, a slice keeps the class of the slice below it whenever that is among the best
@@ -177,20 +168,17 @@ def decode_sequence(log_probs: np.ndarray, skip_penalty: float = 0.0) -> np.ndar
 
     Args:
         log_probs: ``(n, k)`` float log-probabilities (``-inf`` allowed, NaN not).
-        skip_penalty: Cost in nats of each class skipped between consecutive slices (>= 0).
 
     Returns:
         ``(n,)`` int64 class indices, non-decreasing. Empty when ``n == 0``.
 
     Raises:
         ValueError: If ``log_probs`` is not two-dimensional, has no columns while having rows, or
-            holds NaN, or if ``skip_penalty`` is negative or not finite.
+            holds NaN.
     """
     scores = np.asarray(log_probs, dtype=np.float64)
     if scores.ndim != 2:
         raise ValueError(f"log_probs must be 2-D (slices, classes), got shape {scores.shape}")
-    if not (math.isfinite(skip_penalty) and skip_penalty >= 0):
-        raise ValueError(f"skip_penalty must be a finite number >= 0, got {skip_penalty}")
     n, k = scores.shape
     if n == 0:
         return np.zeros(0, dtype=np.int64)
@@ -203,24 +191,13 @@ def decode_sequence(log_probs: np.ndarray, skip_penalty: float = 0.0) -> np.ndar
     # back[i, c]: the class of slice i - 1 on the best labelling whose slice i has class c.
     back = np.zeros((n, k), dtype=np.int64)
     best = scores[0].copy()
-    if skip_penalty == 0.0:
-        for i in range(1, n):
-            running = np.maximum.accumulate(best)
-            # The best predecessor of c is the highest c' <= c whose score equals the running
-            # maximum: the running maximum only changes at such c', so the latest one up to c
-            # carries it. Taking the highest one prefers staying in the same class on ties.
-            back[i] = np.maximum.accumulate(np.where(best == running, columns, 0))
-            best = running + scores[i]
-    else:
-        # cost[c', c]: moving from class c' to class c (c' <= c), -inf for going back.
-        jump = columns[None, :] - columns[:, None]
-        cost = np.where(jump >= 0, -skip_penalty * np.maximum(jump - 1, 0), -np.inf)
-        flipped = slice(None, None, -1)
-        for i in range(1, n):
-            moves = best[:, None] + cost
-            # argmax over the reversed predecessor axis: the highest c' among the best (ties stay).
-            back[i] = k - 1 - np.argmax(moves[flipped], axis=0)
-            best = moves[back[i], columns] + scores[i]
+    for i in range(1, n):
+        running = np.maximum.accumulate(best)
+        # The best predecessor of c is the highest c' <= c whose score equals the running maximum:
+        # the running maximum only changes at such c', so the latest one up to c carries it. Taking
+        # the highest one prefers staying in the same class on ties.
+        back[i] = np.maximum.accumulate(np.where(best == running, columns, 0))
+        best = running + scores[i]
 
     labels = np.empty(n, dtype=np.int64)
     labels[-1] = int(np.argmax(best))  # argmax returns the first (lowest-index) maximum
@@ -235,7 +212,6 @@ def label_series(
     classes: Sequence[str] = CLASSES,
     evaluated: np.ndarray | None = None,
     thresholds: LevelThresholds = LevelThresholds(),
-    skip_penalty: float = SKIP_PENALTY,
 ) -> SeriesLevels:
     """Decode one series' slice probabilities into ordered levels, the L3 pick and flags.
 
@@ -273,7 +249,6 @@ def label_series(
         classes: The model card's classes, in the order of the columns of ``probs``.
         evaluated: ``(n,)`` bool, True where the model ran on the slice; default all True.
         thresholds: When to raise flags.
-        skip_penalty: Nats per class skipped between neighbouring slices (:func:`decode_sequence`).
 
     Returns:
         The decoded levels, the raw argmax, the L3 run and pick, the classes present and the flags.
@@ -289,7 +264,7 @@ def label_series(
 
     log_probs = np.zeros(probs_arr.shape, dtype=np.float64)
     log_probs[mask] = np.log(np.clip(probs_arr[mask], _MIN_PROB, 1.0))
-    decoded = _split_gaps(decode_sequence(log_probs, skip_penalty), mask)
+    decoded = _split_gaps(decode_sequence(log_probs), mask)
 
     argmax = np.argmax(np.where(mask[:, None], probs_arr, 0.0), axis=1)
     level_argmax = tuple(names[int(a)] if m else None for a, m in zip(argmax, mask))

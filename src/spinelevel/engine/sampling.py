@@ -25,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 
-from spinelevel.levels import SKIP_PENALTY, decode_sequence
+from spinelevel.levels import decode_sequence
 
 __all__ = ["SamplingOptions", "SeriesSampler", "resolve_mode"]
 
@@ -137,7 +137,7 @@ class SeriesSampler:
         if len(ev) == 0:
             return ev, ev
         logp = np.log(np.clip(self.probs[ev].astype(np.float64), 1e-7, 1.0))
-        return ev, decode_sequence(logp, SKIP_PENALTY)
+        return ev, decode_sequence(logp)
 
     def _bisect(self) -> list[int]:
         ev, dec = self._decoded()
