@@ -108,6 +108,18 @@ def test_label_order_in_random_plans() -> None:
             assert all(x in CLASSES for x in levels if x is not None)
 
 
+def test_uids_are_unique_across_studies() -> None:
+    # seed 2000 studies 2 and 20 once shared SOP instance UIDs (pydicom hashes the joined parts)
+    options = PhantomOptions(studies=40, seed=2000, second_recon_probability=1.0, localizer_probability=1.0, dose_report_probability=1.0)
+    uids: list[str] = []
+    for i in range(options.studies):
+        spec = plan_study(options, i)
+        uids += [spec.study_uid, spec.frame_uid, spec.localizer_series_uid, spec.dose_series_uid]
+        for series in spec.series:
+            uids += [series.series_uid, *series.sop_uids]
+    assert len(uids) == len(set(uids))
+
+
 def test_disc_slices_are_unlabelled(cap) -> None:
     out, _, _ = cap
     verts = pq.read_table(out / "vertebrae.parquet").to_pylist()

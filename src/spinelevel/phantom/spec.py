@@ -196,7 +196,9 @@ def level_at(vertebrae: tuple[Vertebra, ...], z: np.ndarray | float) -> list[str
 
 
 def _uid(*parts: object) -> str:
-    return generate_uid(entropy_srcs=["spinelevel.phantom", *(str(p) for p in parts)])
+    # pydicom hashes the concatenation of the entropy sources, so the parts are joined with a
+    # separator: without it ("sop", 2000, 2, 0, 138) and ("sop", 2000, 20, 1, 38) gave one UID.
+    return generate_uid(entropy_srcs=["spinelevel.phantom/" + "/".join(str(p) for p in parts)])
 
 
 def _opaque_names(rng: np.random.Generator, n: int, taken: set[str]) -> list[str]:
