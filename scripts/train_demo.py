@@ -135,6 +135,8 @@ def _write_model_card(work: Path, metrics: dict, run_json: dict, run_s: float) -
         for name, (seed, n, extra) in RECIPE["datasets"].items()
         if name != "test"
     )
+    last = RECIPE["phases"][-1]
+    last_done = len((work / last["name"] / "history.csv").read_text().strip().splitlines()) - 1
     rows = "\n".join(f"| {c} | {pc[c]['precision']:.3f} | {pc[c]['recall']:.3f} | {pc[c]['support']} |" for c in card.classes)
     text = f"""# Demo model: `levels_demo.onnx`
 
@@ -164,7 +166,7 @@ on labelled CT (`spinelevel train`, the paper's recipe) and export your own mode
   with `{RECIPE['class_weights']}` class weights, augmentation by rotation (+-10 deg), zoom (+-10 %), vertical and
   horizontal flips; seed {RECIPE["seed"]} (split, initialisation, sampling, augmentation). Phases, each initialised from the one before:
 {phases}
-- Last phase: {tr.get('epochs_done')} of {tr.get('epochs')} planned epochs done{' (stopped early for time on shared CPUs; rerun the train stage to finish it, it resumes)' if tr.get('epochs_done') != tr.get('epochs') else ''}.
+- Last phase: {last_done} of {last['epochs']} planned epochs done{' (stopped early for time on shared CPUs; rerun the train stage to finish it, it resumes)' if last_done != last['epochs'] else ''}; the exported checkpoint is its best epoch.
 - Best epoch of the last phase by validation loss: {tr.get('best_epoch')} (val loss {tr.get('best_val_loss')}, val accuracy {tr.get('best_val_acc')}).
 - Trained on 2 CPU cores (torch {tr.get('torch')}).
 

@@ -12,6 +12,7 @@ import typer
 
 from spinelevel.cli import app
 from spinelevel.cli._common import fail_cleanly, setup_logging, stderr, terminate_as_interrupt
+from spinelevel.engine.sampling import SamplingOptions
 
 
 class Sampling(str, Enum):
@@ -94,7 +95,8 @@ def run(
     workers: Annotated[int | None, typer.Option("--workers", min=0, help="Decode/preprocess worker processes (default: number of cores; 0 decodes in the main process).")] = None,
     min_slices: Annotated[int, typer.Option("--min-slices", min=1, help="Skip series with fewer slices.")] = 10,
     sampling: Annotated[Sampling, typer.Option("--sampling", help="Slices the model sees: full (all), sparse (boundary search), auto (sparse on CPU, full on GPU).")] = Sampling.auto,
-    stride_mm: Annotated[float, typer.Option("--stride-mm", min=1.0, help="Coarse stride of the sparse search in mm.")] = 20.0,
+    stride_mm: Annotated[float, typer.Option("--stride-mm", min=1.0, help="Coarse stride of the sparse search in mm.")] = SamplingOptions.stride_mm,
+    min_confidence: Annotated[float, typer.Option("--min-confidence", min=0.0, max=1.0, help="Sparse search: evaluated slices whose top probability is below this get their neighbours evaluated.")] = SamplingOptions.min_confidence,
     force: Annotated[bool, typer.Option("--force", help="Redo every series, replacing the rows earlier runs wrote into --out (default: resume, skipping series already done).")] = False,
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="Skip slices with more pixels (Rows x Columns).")] = 4096 * 4096,
     max_slices: Annotated[int, typer.Option("--max-slices", min=1, help="Skip series with more slices.")] = 5000,
@@ -111,7 +113,6 @@ def run(
     """Find the vertebral level of every slice and the L3 slice of every axial CT series."""
     from spinelevel.engine.pipeline import RunOptions
     from spinelevel.engine.pipeline import run as run_pipeline
-    from spinelevel.engine.sampling import SamplingOptions
     from spinelevel.engine.scan import ScanOptions
     from spinelevel.engine.select import SelectOptions
 
@@ -129,7 +130,7 @@ def run(
         rows_per_part=rows_per_part,
         select=SelectOptions(min_slices=min_slices, max_pixels=max_pixels, max_slices=max_slices),
         scan=ScanOptions(keep_tags=tuple(keep_phi or ())),
-        sampling=SamplingOptions(mode=sampling.value, stride_mm=stride_mm),
+        sampling=SamplingOptions(mode=sampling.value, stride_mm=stride_mm, min_confidence=min_confidence),
     )
     show = not quiet and stderr.is_terminal
     with fail_cleanly(), terminate_as_interrupt(), _RichProgress(show) as progress:

@@ -39,9 +39,11 @@ class SamplingOptions:
     # 'full' (every slice), 'sparse' (boundary search) or 'auto' (sparse on CPU backends, full on GPU).
     mode: Mode = "auto"
     # Coarse stride of the sparse search in mm (a lumbar vertebra with its disc is about 30-40 mm).
-    stride_mm: float = 20.0
+    # 25 mm and 0.8 below were chosen with benchmarks/sparse_replay.py on phantom studies that were
+    # neither training nor test data of the demo model (BENCHMARKS.md, "Sparse settings").
+    stride_mm: float = 25.0
     # An evaluated slice whose top probability is below this is 'doubtful' and gets neighbours.
-    min_confidence: float = 0.6
+    min_confidence: float = 0.8
     # Rounds of growing doubtful stretches by one slice on each side; bounds the slices spent on
     # one stretch to about twice this.
     densify_rounds: int = 8
