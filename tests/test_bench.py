@@ -21,7 +21,7 @@ def test_decode_bench_reports_every_codec(tmp_path: Path) -> None:
     for row in result["codecs"].values():
         assert row["slices"] == 6
         assert row["engine_slices_per_s"] > 0 and row["naive_slices_per_s"] > 0
-        assert row["speedup"] > 0 and row["speedup_one_process"] > 0
+        assert row["speedup"] > 0 and row["speedup_one_process"] > 0 and row["speedup_threads"] > 0
 
 
 def test_end_to_end_bench_compares_full_and_sparse(tmp_path: Path, model_path: Path) -> None:

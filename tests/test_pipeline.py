@@ -24,7 +24,7 @@ from spinelevel.engine.preprocess import PreprocessSpec, preprocess_slice
 from spinelevel.engine.sampling import SamplingOptions
 from spinelevel.engine.sources import Source
 from spinelevel.engine.writer import SERIES_SCHEMA, SKIPPED_SCHEMA, slices_schema
-from spinelevel.errors import CardError, OutputError
+from spinelevel.errors import CardError, InputError, OutputError
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 FULL = SamplingOptions(mode="full")
@@ -109,13 +109,20 @@ def test_logit_models_get_softmax_and_fixed_batch_models_work(tmp_path: Path, se
         np.testing.assert_allclose(a[f"p_{c}"].to_numpy(), b[f"p_{c}"].to_numpy(), atol=1e-5)
 
 
-def test_workers_pool_gives_identical_rows(tmp_path: Path, series_dir: Path, model_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["processes", "threads"])
+def test_workers_pool_gives_identical_rows(tmp_path: Path, series_dir: Path, model_path: Path, kind: str) -> None:
+    import warnings
+
+    filters = list(warnings.filters)
     run([series_dir], model_path, tmp_path / "a", RunOptions(workers=0, batch_size=5))
-    run([series_dir], model_path, tmp_path / "b", RunOptions(workers=2, batch_size=5, chunk_slices=3))
+    run([series_dir], model_path, tmp_path / "b", RunOptions(workers=2, worker_kind=kind, batch_size=5, chunk_slices=3))
     for name in ("slices", "series"):
         a = pq.read_table(tmp_path / "a" / name).sort_by("series_uid" if name == "series" else "sop_uid")
         b = pq.read_table(tmp_path / "b" / name).sort_by("series_uid" if name == "series" else "sop_uid")
         assert a.equals(b), name
+    assert warnings.filters == filters  # the thread pool's warning silence ends with the run
+    with pytest.raises(InputError, match="--worker-kind"):
+        run([series_dir], model_path, tmp_path / "c", RunOptions(worker_kind="fibres"))
 
 
 def test_zip_and_tar_gz_give_the_same_answers_as_the_folder(tmp_path: Path, series_dir: Path, model_path: Path) -> None:
@@ -161,7 +168,8 @@ def test_batches_cross_series_and_undecodable_slices_are_dropped(tmp_path: Path,
     assert idx == list(range(28))
 
 
-def test_pydicom_test_files_as_one_messy_archive(tmp_path: Path, series_dir: Path, model_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["processes", "threads"])
+def test_pydicom_test_files_as_one_messy_archive(tmp_path: Path, series_dir: Path, model_path: Path, kind: str) -> None:
     root = Path(pydicom.data.__file__).parent / "test_files"
     inp = tmp_path / "messy"
     shutil.copytree(root, inp)
@@ -171,7 +179,7 @@ def test_pydicom_test_files_as_one_messy_archive(tmp_path: Path, series_dir: Pat
         for p in sorted(root.iterdir())[:30]:
             if p.is_file():
                 zf.write(p, "zipped/" + p.name)
-    summary = run([inp], model_path, tmp_path / "out", RunOptions(workers=2, batch_size=8))
+    summary = run([inp], model_path, tmp_path / "out", RunOptions(workers=2, worker_kind=kind, batch_size=8))
     slices, series, skipped = _tables(tmp_path / "out")
     assert summary.series_ok == 2 and summary.slices == 60
     files = [str(p) for p in inp.rglob("*") if p.is_file() and p != zpath]

@@ -2,7 +2,8 @@
 
 Baseline: what a first script does: ``pydicom.dcmread`` + ``pixel_array`` + rescale + windows +
 ``scipy.ndimage.zoom`` per slice, one thread. Engine: the worker pool of ``spinelevel run`` with its
-vectorised card preprocessing.
+vectorised card preprocessing, as processes (the default) and as threads (``--worker-kind threads``),
+and the same code in the calling thread.
 """
 
 from __future__ import annotations
@@ -73,14 +74,16 @@ def bench_decode(work: Path, size: int = 512, slices: int = 60, input_size: int 
         files = _files(root)[:slices]
         # Best of interleaved rounds: the machine is shared, and interleaving exposes every path to
         # the same background load.
-        engine_s = inline_s = naive_s = float("inf")
-        with DecodePool(workers) as pool, DecodePool(0) as inline:
+        engine_s = threads_s = inline_s = naive_s = float("inf")
+        with DecodePool(workers) as pool, DecodePool(workers, kind="threads") as threads, DecodePool(0) as inline:
             pool.start(wait=True)  # worker start-up and imports are not decoding
             _engine(pool, files[: 2 * workers], spec)
+            _engine(threads, files[: 2 * workers], spec)
             _engine(inline, files[:2], spec)
             naive_preprocess(files[0], card)
             for _ in range(rounds):
                 engine_s = min(engine_s, _engine(pool, files, spec))
+                threads_s = min(threads_s, _engine(threads, files, spec))
                 inline_s = min(inline_s, _engine(inline, files, spec))
                 start = time.perf_counter()
                 for f in files:
@@ -89,9 +92,11 @@ def bench_decode(work: Path, size: int = 512, slices: int = 60, input_size: int 
         results[codec] = {
             "slices": len(files),
             "engine_slices_per_s": round(len(files) / engine_s, 1),
+            "engine_threads_slices_per_s": round(len(files) / threads_s, 1),
             "engine_one_process_slices_per_s": round(len(files) / inline_s, 1),
             "naive_slices_per_s": round(len(files) / naive_s, 1),
             "speedup": round(naive_s / engine_s, 2),
+            "speedup_threads": round(naive_s / threads_s, 2),
             "speedup_one_process": round(naive_s / inline_s, 2),
         }
     return {"image_size": size, "input_size": input_size, "workers": workers, "rounds": rounds, "timing": "best of interleaved rounds", "codecs": results}

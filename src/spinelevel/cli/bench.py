@@ -62,6 +62,7 @@ def _summary(result: dict) -> dict:
     s: dict = {}
     if "decode" in result:
         s["decode_speedup"] = {k: v["speedup"] for k, v in result["decode"]["codecs"].items()}
+        s["decode_speedup_threads"] = {k: v["speedup_threads"] for k, v in result["decode"]["codecs"].items()}
     if isinstance(result.get("end_to_end"), dict):
         e = result["end_to_end"]
         s["e2e"] = {"full_slices_per_s": e["full"]["slices_per_s"], "sparse_slices_per_s": e["sparse"]["slices_per_s"], "sparse_speedup": e["sparse_speedup"], **e["agreement"]}

@@ -23,6 +23,13 @@ class Sampling(str, Enum):
     sparse = "sparse"
 
 
+class WorkerKind(str, Enum):
+    """--worker-kind choices."""
+
+    processes = "processes"
+    threads = "threads"
+
+
 class Preprocess(str, Enum):
     """--preprocess choices."""
 
@@ -92,7 +99,8 @@ def run(
     compile_model: Annotated[bool, typer.Option("--compile", help="torch backend: torch.compile the model.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Slices per inference call.")] = 16,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="Inference threads (default: the runtime's choice, all cores).")] = None,
-    workers: Annotated[int | None, typer.Option("--workers", min=0, help="Decode/preprocess worker processes (default: number of cores; 0 decodes in the main process).")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=0, help="Decode/preprocess workers (default: number of cores; 0 decodes in the main process).")] = None,
+    worker_kind: Annotated[WorkerKind, typer.Option("--worker-kind", help="Decode workers as processes (a crashing decoder costs only its files) or threads (faster on few cores; a crashing decoder ends the run, resume continues it).")] = WorkerKind.processes,
     min_slices: Annotated[int, typer.Option("--min-slices", min=1, help="Skip series with fewer slices.")] = 10,
     sampling: Annotated[Sampling, typer.Option("--sampling", help="Slices the model sees: full (all), sparse (boundary search), auto (sparse on CPU, full on GPU).")] = Sampling.auto,
     stride_mm: Annotated[float, typer.Option("--stride-mm", min=1.0, help="Coarse stride of the sparse search in mm.")] = SamplingOptions.stride_mm,
@@ -126,6 +134,7 @@ def run(
         batch_size=batch_size,
         threads=threads,
         workers=(os.cpu_count() or 1) if workers is None else workers,
+        worker_kind=WorkerKind(worker_kind).value,
         force=force,
         rows_per_part=rows_per_part,
         select=SelectOptions(min_slices=min_slices, max_pixels=max_pixels, max_slices=max_slices),

@@ -82,8 +82,11 @@ class RunOptions:
     batch_size: int = 16
     # Intra-op threads of the inference runtime (None: its default).
     threads: int | None = None
-    # Decode/preprocess worker processes; 0 or 1 decodes in the main process.
+    # Decode/preprocess workers; 0 or 1 decodes in the main process.
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    # 'processes' (a crashing decoder costs only its files) or 'threads' (faster: no transfer of
+    # preprocessed slices between processes; a crashing decoder ends the run).
+    worker_kind: str = "processes"
     # Slices per decode task handed to a worker.
     chunk_slices: int = 4
     # Redo every series, replacing what earlier runs wrote into the output directory.
@@ -349,6 +352,8 @@ def check_run_inputs(paths: list[Path], options: RunOptions) -> list[Path]:
         raise InputError(f"--batch-size must be at least 1, got {options.batch_size}")
     if options.workers < 0:
         raise InputError(f"--workers must be 0 or more, got {options.workers}")
+    if options.worker_kind not in ("processes", "threads"):
+        raise InputError(f"--worker-kind must be processes or threads, got {options.worker_kind!r}")
     if options.rows_per_part < 1:
         raise InputError(f"--rows-per-part must be at least 1, got {options.rows_per_part}")
     if options.select.min_slices < 1:
@@ -563,13 +568,13 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
     if options.force:
         forget_everything(state, run_id)
 
-    manifest_run = manifest_entry(run_id, started_at, model, model_sha, card, choice, options, mode, paths, {"workers": options.workers})
+    manifest_run = manifest_entry(run_id, started_at, model, model_sha, card, choice, options, mode, paths, {"workers": options.workers, "worker_kind": options.worker_kind})
     manifest = start_history(out, manifest_run)
 
     status = "failed"
     already_done = 0
     scheduler: _Scheduler | None = None
-    pool = DecodePool(options.workers)
+    pool = DecodePool(options.workers, kind=options.worker_kind)
     try:
         pool.start()  # workers import their decoders while the scan runs
         selection, seen = scan_and_select(paths, options, progress)
