@@ -100,7 +100,7 @@ def run(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Slices per inference call.")] = 16,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="Inference threads (default: the runtime's choice, all cores).")] = None,
     workers: Annotated[int | None, typer.Option("--workers", min=0, help="Decode/preprocess workers (default: number of cores; 0 decodes in the main process).")] = None,
-    worker_kind: Annotated[WorkerKind, typer.Option("--worker-kind", help="Decode workers as processes (a crashing decoder costs only its files) or threads (faster on few cores; a crashing decoder ends the run, resume continues it).")] = WorkerKind.processes,
+    worker_kind: Annotated[WorkerKind, typer.Option("--worker-kind", help="Decode workers as processes (a crashing decoder costs only its files; faster for JPEG 2000/JPEG-LS, whose decoders hold the GIL) or threads (faster for uncompressed and RLE CT; a crashing decoder ends the run, resume continues it).")] = WorkerKind.processes,
     min_slices: Annotated[int, typer.Option("--min-slices", min=1, help="Skip series with fewer slices.")] = 10,
     sampling: Annotated[Sampling, typer.Option("--sampling", help="Slices the model sees: full (all), sparse (boundary search), auto (sparse on CPU, full on GPU).")] = Sampling.auto,
     stride_mm: Annotated[float, typer.Option("--stride-mm", min=1.0, help="Coarse stride of the sparse search in mm.")] = SamplingOptions.stride_mm,

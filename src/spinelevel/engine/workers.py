@@ -155,9 +155,10 @@ class DecodePool:
 
     Processes (the default) isolate the run from a decoder that crashes its process: only the files
     of that task are lost. Threads skip the transfer of every preprocessed slice between processes
-    (about 0.8 MB per 256 px slice), which on two cores decodes uncompressed CT about 1.7x faster
-    (BENCHMARKS.md), but a decoder that crashes takes the run down with it (resume picks up after
-    the last committed series).
+    (about 0.8 MB per 256 px slice), which on two cores decodes uncompressed CT about 1.5x faster,
+    but JPEG 2000 and JPEG-LS no faster than one thread (their decoders hold the GIL; BENCHMARKS.md),
+    and a decoder that crashes takes the run down with it (resume picks up after the last committed
+    series).
     """
 
     def __init__(self, workers: int, max_in_flight: int | None = None, kind: str = "processes") -> None:
