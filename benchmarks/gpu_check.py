@@ -37,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from spinelevel.bench.machine import emit_json  # noqa: E402
 from spinelevel.card import ModelCard, sidecar_path  # noqa: E402
 from spinelevel.engine.backends.torch import TorchBackend, TorchOptions  # noqa: E402
 from spinelevel.engine.preprocess import PreprocessSpec, preprocess_batch  # noqa: E402
@@ -238,10 +239,7 @@ def main() -> None:
         result["end_to_end"] = e2e
         backend.close()
 
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    emit_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ JSON (machine, versions, slices/s per setting) and writes it to --out if given. 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
+from spinelevel.bench.machine import emit_json
 from spinelevel.phantom import PhantomOptions, generate
 
 
@@ -71,10 +71,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     report = run(args.studies, args.sizes, args.compressions, args.seed)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit_json(report, args.out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ machine description and writes it to --out if given. Not collected by pytest.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 from spinelevel.bench.end_to_end import phantom_archive
-from spinelevel.bench.machine import describe_machine
+from spinelevel.bench.machine import describe_machine, emit_json
 from spinelevel.bench.models import untrained_onnx
 from spinelevel.engine.pipeline import RunOptions, run
 from spinelevel.engine.ray_runner import RayOptions, run_on_ray
@@ -83,10 +82,7 @@ def main() -> None:
         "ray_local": on_ray | {"ray_init_seconds": round(ray_init_s, 2), "inference_actors": 1},
         "ratio_ray_to_single": round(on_ray["slices_per_s"] / single["slices_per_s"], 3),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit_json(report, args.out)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Prints one JSON object (machine, kills survived, rows compared, mismatches).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import signal
 import subprocess
@@ -21,7 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from spinelevel.bench.end_to_end import phantom_archive
-from spinelevel.bench.machine import describe_machine
+from spinelevel.bench.machine import describe_machine, emit_json
 
 KEYS = {"slices": ["sop_uid"], "series": ["series_uid"], "skipped": ["source", "reason"]}
 
@@ -91,10 +90,7 @@ def main() -> None:
         "mismatches": mismatches,
         "details": details,
     }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.write_text(text)
-    print(text)
+    emit_json(result, args.out)
     sys.exit(1 if mismatches else 0)
 
 

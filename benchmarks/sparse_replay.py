@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from spinelevel.bench.machine import describe_machine
+from spinelevel.bench.machine import describe_machine, emit_json
 from spinelevel.engine.sampling import SamplingOptions, SeriesSampler
 from spinelevel.levels import label_series
 
@@ -97,10 +96,7 @@ def main() -> None:
         "slices": int(sum(len(z) for z, _ in series)),
         "settings": rows,
     }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    emit_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+import json
 import os
 import platform
 import threading
 import time
 from pathlib import Path
 
-__all__ = ["describe_machine", "TreeRSS"]
+__all__ = ["describe_machine", "emit_json", "TreeRSS"]
+
+
+def emit_json(result: dict, out: Path | None = None) -> None:
+    """Print a benchmark's JSON result, and write it to ``out`` too when given."""
+    text = json.dumps(result, indent=2)
+    if out is not None:
+        Path(out).write_text(text + "\n")
+    print(text)
 
 
 def _cpu_model() -> str:

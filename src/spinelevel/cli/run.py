@@ -134,7 +134,7 @@ def run(
         batch_size=batch_size,
         threads=threads,
         workers=(os.cpu_count() or 1) if workers is None else workers,
-        worker_kind=WorkerKind(worker_kind).value,
+        worker_kind=worker_kind.value,
         force=force,
         rows_per_part=rows_per_part,
         select=SelectOptions(min_slices=min_slices, max_pixels=max_pixels, max_slices=max_slices),

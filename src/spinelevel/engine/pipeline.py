@@ -31,7 +31,7 @@ from spinelevel.engine.preprocess import PreprocessSpec
 from spinelevel.engine.sampling import SamplingOptions, SeriesSampler, resolve_mode
 from spinelevel.engine.scan import FileHeader, ScanOptions, SkippedFile, scan_paths
 from spinelevel.engine.select import SelectOptions, SeriesPlan, SeriesSkip, select_series
-from spinelevel.engine.workers import DecodePool, DecodeTask, Prepared
+from spinelevel.engine.workers import WORKER_KINDS, DecodePool, DecodeTask, Prepared
 from spinelevel.engine.state import OutputLock, critical_section, load_state, remove_series, series_key, write_commit
 from spinelevel.engine.writer import RunWriter, SeriesResult, write_json_atomic
 from spinelevel.errors import BackendUnavailableError, InputError, ModelError, OutputError
@@ -352,8 +352,8 @@ def check_run_inputs(paths: list[Path], options: RunOptions) -> list[Path]:
         raise InputError(f"--batch-size must be at least 1, got {options.batch_size}")
     if options.workers < 0:
         raise InputError(f"--workers must be 0 or more, got {options.workers}")
-    if options.worker_kind not in ("processes", "threads"):
-        raise InputError(f"--worker-kind must be processes or threads, got {options.worker_kind!r}")
+    if options.worker_kind not in WORKER_KINDS:
+        raise InputError(f"--worker-kind must be one of {', '.join(WORKER_KINDS)}, got {options.worker_kind!r}")
     if options.rows_per_part < 1:
         raise InputError(f"--rows-per-part must be at least 1, got {options.rows_per_part}")
     if options.select.min_slices < 1:

@@ -28,11 +28,14 @@ from spinelevel.engine.preprocess import PreprocessSpec, preprocess_slice
 from spinelevel.engine.sources import Source
 from spinelevel.errors import DecodeError, InputError
 
-__all__ = ["DecodeTask", "Prepared", "prepare", "DecodePool"]
+__all__ = ["DecodeTask", "Prepared", "prepare", "DecodePool", "WORKER_KINDS"]
 
 log = logging.getLogger(__name__)
 
 _CRASH_REASON = "the decoder crashed its worker process on this file"
+
+# What a DecodePool's workers can be (see DecodePool).
+WORKER_KINDS = ("processes", "threads")
 
 # Testing only: a SOPInstanceUID; a worker process asked to decode that slice dies on the spot
 # (os._exit), as a decoder that segfaults would, so tests can check the pool's recovery.
@@ -162,8 +165,8 @@ class DecodePool:
     """
 
     def __init__(self, workers: int, max_in_flight: int | None = None, kind: str = "processes") -> None:
-        if kind not in ("processes", "threads"):
-            raise InputError(f"decode worker kind must be 'processes' or 'threads', got {kind!r}")
+        if kind not in WORKER_KINDS:
+            raise InputError(f"decode worker kind must be one of {', '.join(WORKER_KINDS)}, got {kind!r}")
         self.workers = workers
         self.kind = kind
         self.max_in_flight = max_in_flight or 2 * max(1, workers)
