@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from spinelevel.engine import dali
+from spinelevel.engine.decode import AIR_HU, BELOW_AIR_HU, hu_from_stored
 from spinelevel.engine.preprocess import PreprocessSpec, preprocess_slice
 from spinelevel.errors import BackendUnavailableError, InputError
 
@@ -53,7 +54,8 @@ def test_cpu_graph_matches_numpy(shape: tuple[int, int]) -> None:
         out = pre.run([dali.pack_slice(r, s, c) for r, s, c in zip(raws, slopes, intercepts)])
         assert out.shape == (4, 3, 48, 40) and out.dtype == np.float32
         for i in range(4):
-            ref = preprocess_slice(raws[i].astype(np.float32) * slopes[i] + intercepts[i], SPEC)
+            # the numpy path's HU: values below BELOW_AIR_HU (out of the field of view) are air
+            ref = preprocess_slice(hu_from_stored(raws[i], slopes[i], intercepts[i]), SPEC)
             assert np.abs(out[i] - ref).max() <= TOLERANCE * 255 / 40  # normalised by std >= 40, scale 255
     # a short last batch
     assert pre.run([dali.pack_slice(raws[0])]).shape == (1, 3, 48, 40)
@@ -69,3 +71,18 @@ def test_cpu_graph_matches_numpy_unit_scale() -> None:
     out = pre.run([dali.pack_slice(raw, 1.0, -1024.0)])
     ref = preprocess_slice(raw.astype(np.float32) - 1024.0, spec)
     assert np.abs(out[0] - ref).max() <= TOLERANCE
+
+
+@pytest.mark.skipif(not dali.dali_available(), reason="nvidia-dali-cuda130 is not installed")
+def test_cpu_graph_maps_out_of_fov_values_to_air() -> None:
+    # -2000 and -3024 HU mark "outside the reconstructed circle" without a PixelPaddingValue: air in
+    # every window, as on the numpy path (the lung window's lower edge is -1350 HU)
+    spec = PreprocessSpec(windows=((-600.0, 1500.0),), input_size=(2, 3), mean=(0.0,), std=(1.0,))
+    raw = np.array([[-2000, -3024, -1024], [0, 40, -1100]], dtype=np.int16)
+    pre = dali.DaliPreprocessor(spec, dali.DaliOptions(device="cpu", batch_size=1, num_threads=1))
+    out = pre.run([dali.pack_slice(raw, 1.0, 0.0)])[0, 0]
+    air = (AIR_HU + 1350.0) / 1500.0
+    assert out[0, :2].tolist() == pytest.approx([air, air], abs=1e-6)
+    assert np.abs(out - preprocess_slice(hu_from_stored(raw, 1.0, 0.0), spec)[0]).max() <= TOLERANCE
+    assert BELOW_AIR_HU == -1100.0
+    pre.close()

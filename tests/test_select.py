@@ -70,7 +70,7 @@ def test_reversed_normal_still_puts_superior_first() -> None:
         ({"sop_class_uid": "1.2.840.10008.5.1.4.1.1.7", "modality": "OT"}, "secondary capture"),
         ({"sop_class_uid": "1.2.840.10008.5.1.4.1.1.88.67", "modality": "SR"}, "dose report"),
         ({"sop_class_uid": "1.2.840.10008.5.1.4.1.1.481.3", "modality": "RTSTRUCT"}, "radiotherapy"),
-        ({"sop_class_uid": "1.2.840.10008.5.1.4.1.1.2.1"}, "enhanced CT"),
+        ({"sop_class_uid": "1.2.840.10008.5.1.4.1.1.2.1"}, "Enhanced CT file without Per-frame Functional Groups"),
         ({"frames": 40}, "multi-frame"),
         ({"orientation": (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)}, "not axial"),
         ({"orientation": (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)}, "not axial"),

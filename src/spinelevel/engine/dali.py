@@ -4,7 +4,7 @@ DALI has no DICOM reader: pydicom reads the pixel bytes and :class:`DaliPreproce
 through ``fn.external_source``: one int16 (H, W) slice per sample plus the per-sample
 RescaleSlope/RescaleIntercept. The graph, parametrised by ``device`` ('cpu' or 'gpu'):
 
-    raw int16 -> float HU = raw * slope + intercept
+    raw int16 -> float HU = raw * slope + intercept -> HU below -1100 (out-of-FOV marks) = -1000
     -> per window: clamp((HU - (center - width/2)) / width, 0, 1) * scale -> stack to HWC
     -> fn.resize(interp_type=INTERP_LINEAR, antialias=False) to input_size
     -> fn.crop_mirror_normalize(mean, std, output_layout="CHW") -> (C, h, w) float32
@@ -26,7 +26,9 @@ pydicom and fed as int16, which is what the engine does by default. The GPU deco
 run here (no GPU).
 
 Padding (PixelPaddingValue) is mapped to air before feeding by :func:`pack_slice`, which also turns
-unsigned 16-bit storage into int16 exactly by moving 32768 * slope into the intercept.
+unsigned 16-bit storage into int16 exactly by moving 32768 * slope into the intercept. Undeclared
+out-of-field-of-view values (HU below ``decode.BELOW_AIR_HU``: -2000, -3024, ...) become air in the
+graph, right after the rescale, as ``decode.hu_from_stored`` does for the numpy path.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ DALI_REQUIRES = ("nvidia-dali-cuda130",)
 
 # Hounsfield value of padding (same as decode.AIR_HU; not imported: decode pulls in pydicom).
 _AIR_HU = -1000.0
+# Below this HU a value is an out-of-field-of-view mark, i.e. air (same as decode.BELOW_AIR_HU).
+_BELOW_AIR_HU = -1100.0
 
 
 def dali_available() -> bool:
@@ -171,6 +175,8 @@ def build_pipeline(spec: PreprocessSpec, options: DaliOptions = DaliOptions()) -
         if options.device == "gpu":
             raw = raw.gpu()  # one H2D copy of int16 (half the bytes of float32)
         hu = fn.cast(raw, dtype=types.FLOAT) * slope + intercept
+        # out-of-field-of-view marks -> air, exactly: hu + 1 * (air - hu) is air in float32 here
+        hu = hu + fn.cast(hu < _BELOW_AIR_HU, dtype=types.FLOAT) * (_AIR_HU - hu)
         chans = []
         for center, width in spec.windows:
             low = float(center) - float(width) / 2.0

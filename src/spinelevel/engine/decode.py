@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -19,10 +20,28 @@ import numpy as np
 from spinelevel.engine.sources import Source, read_source
 from spinelevel.errors import DecodeError
 
-__all__ = ["AIR_HU", "StoredSlice", "decode_stored", "decode_hu", "read_hu", "read_stored", "transfer_syntax_name"]
+__all__ = [
+    "AIR_HU",
+    "BELOW_AIR_HU",
+    "StoredSlice",
+    "decode_stored",
+    "decode_hu",
+    "hu_from_stored",
+    "outside_fov",
+    "read_dataset",
+    "read_hu",
+    "read_stored",
+    "transfer_syntax_name",
+]
 
 # Hounsfield value given to padding pixels (outside the scanned field of view).
 AIR_HU = -1000.0
+
+# Values below this are not tissue nor air but the scanner's mark for "outside the reconstructed
+# circle" (-2000, -2048, -3024 HU are common) that the file does not declare as PixelPaddingValue,
+# or such padding smeared by lossy compression. Air reads about -1000 (noise to about -1024), so
+# they become air (AIR_HU) for the model in every window; see outside_fov.
+BELOW_AIR_HU = -1100.0
 
 
 def transfer_syntax_name(uid: str) -> str:
@@ -51,24 +70,89 @@ class StoredSlice:
     padding: np.ndarray | None
 
 
-def decode_stored(ds) -> StoredSlice:  # noqa: ANN001 - pydicom Dataset
+def _ensure_transfer_syntax(ds) -> str:  # noqa: ANN001 - pydicom Dataset
+    """The transfer syntax of ``ds``; files without file meta get the encoding the parser detected.
+
+    pydicom decodes pixel data by the file meta's TransferSyntaxUID, which old exports (no preamble,
+    no file meta, implicit VR little endian) do not have.
+    """
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import UID
+
+    from spinelevel.engine.identity import detected_transfer_syntax
+
+    meta = getattr(ds, "file_meta", None)
+    current = str(getattr(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
+    if current:
+        return current
+    detected = detected_transfer_syntax(ds)
+    if detected:
+        if meta is None:
+            ds.file_meta = meta = FileMetaDataset()
+        meta.TransferSyntaxUID = UID(detected)
+    return detected
+
+
+def _no_pixel_data(ds) -> str:  # noqa: ANN001 - pydicom Dataset
+    """Why a file without PixelData has no pixels we can read: name a known private compression."""
+    from pydicom.tag import Tag
+
+    # Philips (formerly Elscint) CT: compressed pixels in private (07a1,xx0a), the method in (07a1,xx11).
+    for elem in ds.group_dataset(0x07A1) if hasattr(ds, "group_dataset") else ():
+        if elem.tag.element >= 0x1000 and elem.tag.element & 0xFF == 0x11 and isinstance(elem.value, (str, bytes)):
+            method = elem.value.decode("ascii", "replace") if isinstance(elem.value, bytes) else elem.value
+            method = method.strip().strip("\x00")
+            if method:
+                return (
+                    f"no PixelData (7fe0,0010): the pixels are in Philips/Elscint private compression {method} "
+                    f"(private group 07a1), which no decoder installed here reads; export the series uncompressed"
+                )
+    if Tag(0x07A1, 0x100A) in ds:
+        return "no PixelData (7fe0,0010): the pixels are in a Philips/Elscint private element (07a1,100a); export the series uncompressed"
+    return "no pixel data (PixelData (7fe0,0010) is absent)"
+
+
+def decode_stored(ds, frame: int | None = None) -> StoredSlice:  # noqa: ANN001 - pydicom Dataset
     """Decode the pixel data and check the rescale tags, without converting to HU.
+
+    Args:
+        frame: for a multi-frame CT file, the 1-based frame to decode (only that frame is decoded;
+            its rescale comes from the functional groups).
 
     Raises:
         DecodeError: no pixel data, undecodable pixel data, or unusable rescale tags.
     """
+    from spinelevel.engine import retired_jpeg
+
+    tsyntax = _ensure_transfer_syntax(ds)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise DecodeError("no pixel data")
-    tsyntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+        raise DecodeError(_no_pixel_data(ds))
     try:
-        raw = ds.pixel_array
+        if retired_jpeg.is_retired_jpeg(tsyntax):
+            raw = retired_jpeg.decode_frame(ds, 0 if frame is None else frame - 1)
+        elif frame is None:
+            raw = ds.pixel_array
+        else:
+            from pydicom.pixels import pixel_array
+
+            raw = pixel_array(ds, index=frame - 1)
+    except DecodeError:
+        raise
     except Exception as exc:  # pydicom raises RuntimeError, NotImplementedError, ValueError...
         raise DecodeError(f"cannot decode pixel data in {transfer_syntax_name(tsyntax)}: {_first_line(exc)}") from None
     if raw.ndim != 2:
         raise DecodeError(f"pixel data has shape {raw.shape}, expected one grey-scale frame")
     try:
-        slope_value = ds.get("RescaleSlope", None)
-        intercept_value = ds.get("RescaleIntercept", None)
+        if frame is not None:
+            from spinelevel.engine.frames import frame_value
+
+            slope_value = frame_value(ds, frame - 1, "PixelValueTransformationSequence", "RescaleSlope")
+            intercept_value = frame_value(ds, frame - 1, "PixelValueTransformationSequence", "RescaleIntercept")
+            if slope_value is None and intercept_value is None:
+                slope_value, intercept_value = ds.get("RescaleSlope", None), ds.get("RescaleIntercept", None)
+        else:
+            slope_value = ds.get("RescaleSlope", None)
+            intercept_value = ds.get("RescaleIntercept", None)
         slope = 1.0 if slope_value in (None, "") else float(slope_value)
         intercept = 0.0 if intercept_value in (None, "") else float(intercept_value)
     except (TypeError, ValueError):
@@ -78,21 +162,40 @@ def decode_stored(ds) -> StoredSlice:  # noqa: ANN001 - pydicom Dataset
     return StoredSlice(raw, slope, intercept, _padding_mask(ds, raw))
 
 
-def decode_hu(ds) -> np.ndarray:  # noqa: ANN001 - pydicom Dataset
+def decode_hu(ds, frame: int | None = None) -> np.ndarray:  # noqa: ANN001 - pydicom Dataset
     """The slice as float32 Hounsfield units, shape (Rows, Columns).
+
+    Padding (PixelPaddingValue) and values below BELOW_AIR_HU (undeclared out-of-field-of-view
+    marks) are air.
 
     Raises:
         DecodeError: no pixel data, undecodable pixel data, or unusable rescale tags.
     """
-    stored = decode_stored(ds)
-    hu = stored.raw.astype(np.float32)
-    if stored.slope != 1.0:
-        hu *= np.float32(stored.slope)
-    if stored.intercept != 0.0:
-        hu += np.float32(stored.intercept)
-    if stored.padding is not None:
-        hu[stored.padding] = AIR_HU
+    stored = decode_stored(ds, frame)
+    return hu_from_stored(stored.raw, stored.slope, stored.intercept, stored.padding)
+
+
+def hu_from_stored(raw: np.ndarray, slope: float, intercept: float, padding: np.ndarray | None = None) -> np.ndarray:
+    """float32 HU = raw * slope + intercept; padding and values below BELOW_AIR_HU become air."""
+    hu = raw.astype(np.float32)
+    if slope != 1.0:
+        hu *= np.float32(slope)
+    if intercept != 0.0:
+        hu += np.float32(intercept)
+    if padding is not None:
+        hu[padding] = AIR_HU
+    np.copyto(hu, np.float32(AIR_HU), where=hu < np.float32(BELOW_AIR_HU))
     return hu
+
+
+def outside_fov(raw: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """Stored values whose HU is below BELOW_AIR_HU, by the same float32 arithmetic as decode_hu."""
+    hu = raw.astype(np.float32)
+    if slope != 1.0:
+        hu *= np.float32(slope)
+    if intercept != 0.0:
+        hu += np.float32(intercept)
+    return hu < np.float32(BELOW_AIR_HU)
 
 
 def _padding_mask(ds, raw: np.ndarray) -> np.ndarray | None:  # noqa: ANN001
@@ -114,36 +217,71 @@ def _padding_mask(ds, raw: np.ndarray) -> np.ndarray | None:  # noqa: ANN001
     return mask if mask.any() else None
 
 
-def read_hu(src: Source, max_bytes: int) -> tuple[np.ndarray, str]:
-    """Read and decode one slice; returns (HU array, SOPInstanceUID).
+def read_hu(src: Source, max_bytes: int, frame: int | None = None) -> tuple[np.ndarray, str]:
+    """Read and decode one slice (or one frame of a multi-frame file); returns (HU, SOPInstanceUID).
 
     Raises:
         DecodeError: the file cannot be read, parsed or decoded.
     """
-    return _read(src, max_bytes, decode_hu)
+    return _read(src, max_bytes, frame, decode_hu)
 
 
-def read_stored(src: Source, max_bytes: int) -> tuple[StoredSlice, str]:
+def read_stored(src: Source, max_bytes: int, frame: int | None = None) -> tuple[StoredSlice, str]:
     """Read and decode one slice without rescaling (for DALI); returns (stored slice, SOPInstanceUID)."""
-    return _read(src, max_bytes, decode_stored)
+    return _read(src, max_bytes, frame, decode_stored)
 
 
-def _read(src: Source, max_bytes: int, convert):  # noqa: ANN001, ANN202
+class _ParsedCache(threading.local):
+    """The last multi-frame file parsed by this thread, so its frames are not re-read one by one.
+
+    Per thread, because decode threads of one process must not share a pydicom Dataset.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.ds = None
+
+
+_PARSED = _ParsedCache()
+
+
+def read_dataset(src: Source, max_bytes: int, frame: int | None = None):  # noqa: ANN201 - pydicom Dataset
+    """Read and parse one file; the last multi-frame file (``frame`` given) is kept per thread.
+
+    Raises:
+        DecodeError: the file cannot be read or parsed.
+    """
+    import pydicom
+
+    key = (src, max_bytes)
+    if frame is not None and _PARSED.key == key:
+        return _PARSED.ds
+    try:
+        data = read_source(src, max_bytes)
+    except KeyError:
+        raise DecodeError("member not found in the archive") from None
+    except OSError as exc:
+        raise DecodeError(f"cannot read file: {exc.strerror or exc}") from None
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except Exception as exc:
+        raise DecodeError(f"DICOM file is unreadable ({type(exc).__name__})") from None
+    if frame is not None:
+        _PARSED.key, _PARSED.ds = key, ds
+    else:
+        _PARSED.key = _PARSED.ds = None
+    return ds
+
+
+def _read(src: Source, max_bytes: int, frame: int | None, convert):  # noqa: ANN001, ANN202
+    from spinelevel.engine.identity import instance_uids
+
     # pydicom warns about odd values and quotes them: that text may hold patient data.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import pydicom
-
+        ds = read_dataset(src, max_bytes, frame)
         try:
-            data = read_source(src, max_bytes)
-        except OSError as exc:
-            raise DecodeError(f"cannot read file: {exc.strerror or exc}") from None
-        try:
-            ds = pydicom.dcmread(io.BytesIO(data), force=True)
-        except Exception as exc:
-            raise DecodeError(f"DICOM file is unreadable ({type(exc).__name__})") from None
-        try:
-            return convert(ds), str(ds.get("SOPInstanceUID", ""))
+            return convert(ds, frame), instance_uids(ds)[0]
         except DecodeError:
             raise
         except Exception as exc:  # a malformed element surfaces on access

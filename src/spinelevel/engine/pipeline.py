@@ -157,6 +157,12 @@ class _Work:
     failures: dict[int, str] = field(default_factory=dict)
     # Slices requested and not yet scored or failed.
     outstanding: int = 0
+    # An unexpected exception while sampling or labelling this series (it ends as an error row).
+    error: str | None = None
+
+
+def _unexpected(exc: BaseException, what: str) -> str:
+    return f"unexpected error while {what} ({type(exc).__name__}: {exc})"
 
 
 class _Scheduler:
@@ -192,7 +198,7 @@ class _Scheduler:
             device = "gpu" if _on_gpu(backend) and cuda_available() else "cpu"
             self.dali = DaliPreprocessor(spec, DaliOptions(device=device, batch_size=options.batch_size))
 
-    def __iter__(self) -> Iterator[tuple[SeriesPlan, SeriesResult | None, dict[int, str]]]:
+    def __iter__(self) -> Iterator[tuple[SeriesPlan, SeriesResult | str | None, dict[int, str]]]:
         self._open_more()
         while self.open:
             if self.pool.pending():
@@ -210,14 +216,20 @@ class _Scheduler:
             self._next_plan += 1
             plan = self.plans[no]
             z = np.asarray([s.z_mm for s in plan.slices], dtype=np.float64)
-            work = _Work(plan, SeriesSampler(z, len(self.classes), self.mode, self.options.sampling))  # type: ignore[arg-type]
+            try:
+                work = _Work(plan, SeriesSampler(z, len(self.classes), self.mode, self.options.sampling))  # type: ignore[arg-type]
+                first = work.sampler.initial()
+            except Exception as exc:  # one odd series must not take the run down
+                log.debug("sampling series %s failed", plan.series_uid, exc_info=True)
+                work = _Work(plan, None, error=_unexpected(exc, "choosing the slices to evaluate"))  # type: ignore[arg-type]
+                first = []
             self.open[no] = work
-            self._submit(no, work, work.sampler.initial())
+            self._submit(no, work, first)
 
     def _submit(self, no: int, work: _Work, indices: list[int]) -> None:
         slices = work.plan.slices
         # Archive members are read in archive order (cheap forward seeks in compressed tars).
-        order = sorted(indices, key=lambda i: (slices[i].source.path, slices[i].source.offset, i))
+        order = sorted(indices, key=lambda i: (slices[i].source.path, slices[i].source.offset, slices[i].frame or 0, i))
         chunk = max(1, self.options.chunk_slices)
         for start in range(0, len(order), chunk):
             idx = tuple(order[start : start + chunk])
@@ -230,17 +242,24 @@ class _Scheduler:
                     spec=self.spec,
                     max_bytes=self.options.scan.max_file_bytes,
                     preprocess=self.options.preprocess,
+                    frames=tuple(slices[i].frame for i in idx),
                 )
             )
         work.outstanding += len(order)
 
     def _receive(self, prepared: Prepared) -> None:
         work = self.open[prepared.key]
+        if work.error is not None:  # the series has failed: its slices are only counted off
+            work.outstanding -= len(prepared.failures) + len(prepared.indices)
+            return
         if prepared.failures:
             for index, reason in prepared.failures:
                 work.failures[index] = reason
-            work.sampler.unavailable([i for i, _ in prepared.failures])
             work.outstanding -= len(prepared.failures)
+            try:
+                work.sampler.unavailable([i for i, _ in prepared.failures])
+            except Exception as exc:
+                work.error = _unexpected(exc, "sampling the series")
         if prepared.indices:
             if self.dali is not None:
                 self._packed.extend(prepared.packed)
@@ -267,23 +286,40 @@ class _Scheduler:
             by_series.setdefault(no, []).append(pos)
         for no, positions in by_series.items():
             work = self.open[no]
-            work.sampler.update([ids[p][1] for p in positions], probs[positions])
             work.outstanding -= len(positions)
+            if work.error is not None:
+                continue
+            try:
+                work.sampler.update([ids[p][1] for p in positions], probs[positions])
+            except Exception as exc:  # one odd series must not take the run down
+                log.debug("sampling series %s failed", work.plan.series_uid, exc_info=True)
+                work.error = _unexpected(exc, "sampling the series")
 
     def _settle(self) -> Iterator[tuple[SeriesPlan, SeriesResult | None, dict[int, str]]]:
         for no in sorted(self.open):
             work = self.open[no]
             if work.outstanding:
                 continue
-            more = work.sampler.next()
-            if more:
-                self._submit(no, work, more)
-                continue
+            if work.error is None:
+                try:
+                    more = work.sampler.next()
+                except Exception as exc:
+                    work.error, more = _unexpected(exc, "sampling the series"), []
+                if more:
+                    self._submit(no, work, more)
+                    continue
             del self.open[no]
             yield work.plan, self._finish(work), work.failures
 
-    def _finish(self, work: _Work) -> SeriesResult | None:
-        return finish_series(work.plan, work.sampler, work.failures, self.classes, self.options)
+    def _finish(self, work: _Work) -> SeriesResult | str | None:
+        """The labelled series, None when too few slices decoded, or the text of an unexpected error."""
+        if work.error is not None:
+            return work.error
+        try:
+            return finish_series(work.plan, work.sampler, work.failures, self.classes, self.options)
+        except Exception as exc:  # one odd series must not take the run down
+            log.debug("labelling series %s failed", work.plan.series_uid, exc_info=True)
+            return _unexpected(exc, "labelling the series")
 
 
 def finish_series(plan: SeriesPlan, sampler: SeriesSampler, failures: dict[int, str], classes: tuple[str, ...], options: RunOptions) -> SeriesResult | None:
@@ -304,6 +340,7 @@ def finish_series(plan: SeriesPlan, sampler: SeriesSampler, failures: dict[int, 
         series_uid=plan.series_uid,
         sop_uids=tuple(sl.sop_uid for sl in slices),
         sources=tuple(sl.source.label for sl in slices),
+        frames=tuple(sl.frame for sl in slices),
         z_mm=z,
         probs=probs,
         evaluated=evaluated,
@@ -314,25 +351,36 @@ def finish_series(plan: SeriesPlan, sampler: SeriesSampler, failures: dict[int, 
     )
 
 
-def write_series(writer: RunWriter, plan: SeriesPlan, key: str, result: SeriesResult | None, failures: dict[int, str], options: RunOptions) -> None:
-    """Hand one finished series to the writer, whole: signals wait until its rows are buffered."""
+def write_series(writer: RunWriter, plan: SeriesPlan, key: str, result: SeriesResult | str | None, failures: dict[int, str], options: RunOptions) -> None:
+    """Hand one finished series to the writer, whole: signals wait until its rows are buffered.
+
+    ``result``: the labelled series, None when too few slices could be decoded, or the text of an
+    unexpected error (the series becomes an error row with it).
+    """
     with critical_section():
         _write_series(writer, plan, key, result, failures, options)
 
 
-def _write_series(writer: RunWriter, plan: SeriesPlan, key: str, result: SeriesResult | None, failures: dict[int, str], options: RunOptions) -> None:
+def _write_series(writer: RunWriter, plan: SeriesPlan, key: str, result: SeriesResult | str | None, failures: dict[int, str], options: RunOptions) -> None:
     skipped = [(f.source.label, f.reason) for f in plan.dropped]
-    skipped += [(plan.slices[i].source.label, reason) for i, reason in sorted(failures.items())]
-    if result is not None:
+    skipped += [(plan.slices[i].source.label, reason if plan.slices[i].frame is None else f"frame {plan.slices[i].frame}: {reason}") for i, reason in sorted(failures.items())]
+    if isinstance(result, SeriesResult):
         writer.add_result(result, key, skipped)
         return
     ok = len(plan.slices) - len(failures)
-    reason = (
-        f"only {ok} of {len(plan.slices)} slices could be decoded (--min-slices {options.select.min_slices}); "
-        "see skipped for each file"
-    )
+    if isinstance(result, str):
+        reason = result
+    else:
+        reason = (
+            f"only {ok} of {len(plan.slices)} slices could be decoded (--min-slices {options.select.min_slices}); "
+            "see skipped for each file"
+        )
     # the slices that did decode belong to no classified series either: account for them too
-    skipped += [(s.source.label, f"series failed: {reason.split(';')[0]}") for i, s in enumerate(plan.slices) if i not in failures]
+    seen_sources = {label for label, _ in skipped}
+    for i, sl in enumerate(plan.slices):
+        if i not in failures and sl.source.label not in seen_sources:
+            seen_sources.add(sl.source.label)  # a multi-frame file is one skipped row
+            skipped.append((sl.source.label, f"series failed: {reason.split(';')[0]}"))
     writer.add_series_status(
         plan.study_uid,
         plan.series_uid,
@@ -452,7 +500,7 @@ def start_series(state, writer: RunWriter, selection, seen: set[str], model_sha:
     for skip in selection.skipped_series:
         if skip.series_uid not in state.series:
             with critical_section():
-                writer.add_series_status(skip.study_uid, skip.series_uid, "skipped", skip.reason, skip.n_files, skip_keys[skip.series_uid], [(f.source.label, f.reason) for f in skip.files], (), skip.kept)
+                writer.add_series_status(skip.study_uid, skip.series_uid, skip.status, skip.reason, skip.n_files, skip_keys[skip.series_uid], [(f.source.label, f.reason) for f in skip.files], skip.flags, skip.kept)
     plans = [p for p in selection.plans if p.series_uid not in state.series]
     return plans, plan_keys, already_done
 
@@ -490,7 +538,8 @@ def load_manifest(out: Path) -> dict:
 
 
 def plan_key(model_sha: str, plan: SeriesPlan) -> str:
-    return series_key(model_sha, "classify", [s.sop_uid for s in plan.slices] + [f.source.label for f in plan.dropped])
+    # slice_id is the SOP UID alone for single-frame files, so keys of earlier outputs still match
+    return series_key(model_sha, "classify", [s.slice_id for s in plan.slices] + [f.source.label for f in plan.dropped])
 
 
 def skip_key(model_sha: str, skip: SeriesSkip) -> str:
@@ -586,7 +635,7 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
         scheduler = _Scheduler(plans, backend, pool, spec, card.classes, options, mode)
         for plan, result, failures in scheduler:
             write_series(writer, plan, plan_keys[plan.series_uid], result, failures, options)
-            progress.advanced(1, len(result.sop_uids) if result is not None else 0)
+            progress.advanced(1, len(result.sop_uids) if isinstance(result, SeriesResult) else 0)
         writer.finish()
         status = "complete"
     except KeyboardInterrupt:

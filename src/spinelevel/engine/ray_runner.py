@@ -45,7 +45,7 @@ from spinelevel.engine.select import SeriesPlan
 from spinelevel.engine.sources import Source
 from spinelevel.engine.state import OutputLock, load_state
 from spinelevel.engine.workers import DecodeTask, prepare
-from spinelevel.engine.writer import RunWriter, write_json_atomic
+from spinelevel.engine.writer import RunWriter, SeriesResult, write_json_atomic
 from spinelevel.errors import BackendUnavailableError, InputError, ModelError, SpineLevelError
 
 # Helpers of the single-machine pipeline, shared so both paths stay identical.
@@ -150,6 +150,10 @@ def _sources(row: dict[str, Any]) -> tuple[Source, ...]:
     )
 
 
+def _frames(row: dict[str, Any]) -> tuple[int | None, ...]:
+    return tuple(int(f) or None for f in row["frame"])
+
+
 def _rows(batch: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
     n = len(batch["series"])
     for i in range(n):
@@ -162,11 +166,12 @@ def _decode_series(batch: dict[str, np.ndarray], spec: PreprocessSpec, max_bytes
     for row in _rows(batch):
         sources = _sources(row)
         sops = tuple(str(s) for s in row["sop"])
+        frames = _frames(row)
         # Archive members are read in archive order (cheap forward seeks in compressed tars).
-        order = sorted(range(len(sources)), key=lambda i: (sources[i].path, sources[i].offset, i))
+        order = sorted(range(len(sources)), key=lambda i: (sources[i].path, sources[i].offset, frames[i] or 0, i))
         for start in range(0, len(order), chunk):
             idx = tuple(order[start : start + chunk])
-            task = DecodeTask(int(row["series"]), idx, tuple(sources[i] for i in idx), tuple(sops[i] for i in idx), spec, max_bytes)
+            task = DecodeTask(int(row["series"]), idx, tuple(sources[i] for i in idx), tuple(sops[i] for i in idx), spec, max_bytes, frames=tuple(frames[i] for i in idx))
             yield _decoded_batch(prepare(task), spec, len(sources))
 
 
@@ -225,16 +230,17 @@ class _SparseSeries:
         key = int(row["series"])
         sources = _sources(row)
         sops = tuple(str(s) for s in row["sop"])
+        frames = _frames(row)
         sampler = SeriesSampler(np.asarray(row["z"], dtype=np.float64), self.k, "sparse", self.sampling)
         reasons: dict[int, str] = {}
         indices = sampler.initial()
         while indices:
-            order = sorted(indices, key=lambda i: (sources[i].path, sources[i].offset, i))
+            order = sorted(indices, key=lambda i: (sources[i].path, sources[i].offset, frames[i] or 0, i))
             ok: list[int] = []
             arrays: list[np.ndarray] = []
             for start in range(0, len(order), self.chunk):
                 idx = tuple(order[start : start + self.chunk])
-                prepared = prepare(DecodeTask(key, idx, tuple(sources[i] for i in idx), tuple(sops[i] for i in idx), self.spec, self.max_bytes))
+                prepared = prepare(DecodeTask(key, idx, tuple(sources[i] for i in idx), tuple(sops[i] for i in idx), self.spec, self.max_bytes, frames=tuple(frames[i] for i in idx)))
                 reasons.update(prepared.failures)
                 ok.extend(prepared.indices)
                 arrays.append(prepared.array)
@@ -280,6 +286,8 @@ def _series_row(no: int, plan: SeriesPlan) -> dict[str, Any]:
         "offset": [x.source.offset for x in s],
         "size": [x.source.size for x in s],
         "sop": [x.sop_uid for x in s],
+        # 0 for a single-frame file (Arrow columns here are not nullable), else the 1-based frame
+        "frame": [x.frame or 0 for x in s],
         "z": [float(x.z_mm) for x in s],
     }
 
@@ -459,9 +467,12 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
         if plans:
             for batch in _execute(plans, model, choice.name, backend_options, card, options, ray_options, mode):
                 for no, work in _absorb(gathering, batch):
-                    result = finish_series(work.plan, work.sampler, work.failures, card.classes, options)
+                    try:
+                        result = finish_series(work.plan, work.sampler, work.failures, card.classes, options)
+                    except Exception as exc:  # one odd series must not take the run down
+                        result = f"unexpected error while labelling the series ({type(exc).__name__}: {exc})"
                     write_series(writer, work.plan, plan_keys[work.plan.series_uid], result, work.failures, options)
-                    progress.advanced(1, len(result.sop_uids) if result is not None else 0)
+                    progress.advanced(1, len(result.sop_uids) if isinstance(result, SeriesResult) else 0)
         writer.finish()
         lost = len(gathering)
         if lost:

@@ -79,6 +79,21 @@ class FileHeader:
     geometry_problem: str
     # (keyword, value) of the tags the user asked to keep (ScanOptions.keep_tags).
     kept: tuple[tuple[str, str], ...] = ()
+    # 1-based frame number when this header is one frame of a multi-frame CT file, else None.
+    frame: int | None = None
+    # Findings about the identity of the file: derived_series_uid, derived_study_uid.
+    flags: tuple[str, ...] = ()
+    # BitsStored (0 when absent); the duplicate rule prefers more bits.
+    bits_stored: int = 0
+    # InstanceNumber, None when absent or malformed.
+    instance_number: int | None = None
+    # The pixels went through lossy compression (lossy transfer syntax or LossyImageCompression 01).
+    lossy: bool = False
+
+    @property
+    def slice_id(self) -> str:
+        """The identity of the slice: the SOP instance UID, plus ``#frame`` for a frame."""
+        return self.sop_uid if self.frame is None else f"{self.sop_uid}#{self.frame}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +179,7 @@ def _scan_file(path: Path, options: ScanOptions) -> Iterator[FileHeader | Skippe
         if st.st_size > options.max_file_bytes:
             yield SkippedFile(src, f"file is {st.st_size} bytes, over the {options.max_file_bytes}-byte limit")
             return
-        yield _read_header_path(src, options.keep_tags)
+        yield from _read_header_path(src, options.keep_tags)
         return
     if _is_zip(path):
         yield from _scan_zip(path, options)
@@ -175,7 +190,7 @@ def _scan_file(path: Path, options: ScanOptions) -> Iterator[FileHeader | Skippe
     if st.st_size > options.max_file_bytes:
         yield SkippedFile(src, "not a DICOM file (no DICM marker) and too large to probe")
         return
-    yield _read_header_path(src, options.keep_tags)
+    yield from _read_header_path(src, options.keep_tags)
 
 
 def _is_zip(path: Path) -> bool:
@@ -219,7 +234,8 @@ def _scan_zip(path: Path, options: ScanOptions) -> Iterator[FileHeader | Skipped
                 continue
             try:
                 with zf.open(info) as fh:
-                    yield _read_header_stream(src, fh, options.keep_tags)
+                    found = _read_header_stream(src, fh, options.keep_tags)
+                yield from found
             except Exception as exc:  # corrupt member, bad CRC, encrypted, unsupported method
                 yield SkippedFile(src, f"unreadable archive member ({type(exc).__name__}: {exc})")
 
@@ -264,34 +280,35 @@ def _scan_tar(path: Path, options: ScanOptions) -> Iterator[FileHeader | Skipped
             except (tarfile.TarError, OSError, EOFError) as exc:
                 yield SkippedFile(src, f"unreadable archive member ({exc})")
                 continue
-            yield _read_header_stream(src, io.BytesIO(data), options.keep_tags)
+            yield from _read_header_stream(src, io.BytesIO(data), options.keep_tags)
 
 
-def _read_header_path(src: Source, keep: tuple[str, ...] = ()) -> FileHeader | SkippedFile:
+def _read_header_path(src: Source, keep: tuple[str, ...] = ()) -> list[FileHeader | SkippedFile]:
     try:
         with open(src.path, "rb") as fh:
             return _read_header_stream(src, fh, keep)
     except OSError as exc:
-        return SkippedFile(src, f"cannot read: {_os_reason(exc)}")
+        return [SkippedFile(src, f"cannot read: {_os_reason(exc)}")]
 
 
-def _read_header_stream(src: Source, fh: IO[bytes], keep: tuple[str, ...] = ()) -> FileHeader | SkippedFile:
+def _read_header_stream(src: Source, fh: IO[bytes], keep: tuple[str, ...] = ()) -> list[FileHeader | SkippedFile]:
+    """One header per slice of the file (one per frame of a multi-frame CT file), or a skip record."""
     start = fh.tell()
     head = fh.read(262)
     fh.seek(start)
     if not head:
-        return SkippedFile(src, "empty file")
+        return [SkippedFile(src, "empty file")]
     if head[128:132] != b"DICM" and _looks_like_archive(head):
         if src.kind == "file":
-            return SkippedFile(src, "compressed file that is not a zip or tar archive (decompress it first)")
-        return SkippedFile(src, "nested archive inside an archive (not opened)")
+            return [SkippedFile(src, "compressed file that is not a zip or tar archive (decompress it first)")]
+        return [SkippedFile(src, "nested archive inside an archive (not opened)")]
     # pydicom warns about odd values and quotes them: that text may hold patient data.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return _parse_header(src, fh, start, keep)
 
 
-def _parse_header(src: Source, fh: IO[bytes], start: int, keep: tuple[str, ...]) -> FileHeader | SkippedFile:
+def _parse_header(src: Source, fh: IO[bytes], start: int, keep: tuple[str, ...]) -> list[FileHeader | SkippedFile]:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -304,14 +321,14 @@ def _parse_header(src: Source, fh: IO[bytes], start: int, keep: tuple[str, ...])
         try:
             ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True)
         except Exception:
-            return SkippedFile(src, "not a DICOM file")
+            return [SkippedFile(src, "not a DICOM file")]
     except Exception as exc:
-        return SkippedFile(src, f"DICOM header is unreadable ({type(exc).__name__})")
+        return [SkippedFile(src, f"DICOM header is unreadable ({type(exc).__name__})")]
     try:
-        return _header_from_dataset(src, ds, forced, keep)
+        return _headers_from_dataset(src, ds, forced, keep)
     except Exception as exc:  # a malformed element surfaces only when accessed
         reason = "not a DICOM file" if forced else f"DICOM header is unreadable ({type(exc).__name__})"
-        return SkippedFile(src, reason)
+        return [SkippedFile(src, reason)]
 
 
 def _text(ds, keyword: str) -> str:  # noqa: ANN001 - pydicom Dataset
@@ -319,14 +336,21 @@ def _text(ds, keyword: str) -> str:  # noqa: ANN001 - pydicom Dataset
     return str(value).strip() if value is not None else ""
 
 
-def _floats(ds, keyword: str, n: int) -> tuple[tuple[float, ...] | None, str]:  # noqa: ANN001
-    """A numeric multi-value tag as floats, or None with what is wrong (empty if merely absent)."""
+def _floats(ds, keyword: str, n: int, value=None) -> tuple[tuple[float, ...] | None, str]:  # noqa: ANN001
+    """A numeric multi-value tag as floats, or None with what is wrong (empty if merely absent).
+
+    ``value``: the element's value when it comes from elsewhere (a functional group item).
+    """
     from pydicom.multival import MultiValue
 
-    if keyword not in ds:
-        return None, ""
+    if value is None:
+        if keyword not in ds:
+            return None, ""
+        try:
+            value = ds[keyword].value
+        except Exception:
+            return None, f"{keyword} is not numeric"
     try:
-        value = ds[keyword].value
         items = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
         values = [float(v) for v in items]
     except Exception:
@@ -338,31 +362,37 @@ def _floats(ds, keyword: str, n: int) -> tuple[tuple[float, ...] | None, str]:  
     return tuple(values), ""
 
 
-def _header_from_dataset(src: Source, ds, forced: bool, keep: tuple[str, ...] = ()) -> FileHeader | SkippedFile:  # noqa: ANN001
-    meta = getattr(ds, "file_meta", None)
-    sop_class = _text(ds, "SOPClassUID") or (_text(meta, "MediaStorageSOPClassUID") if meta else "")
-    if sop_class == _DICOMDIR_UID or "DirectoryRecordSequence" in ds:
-        return SkippedFile(src, "DICOMDIR (media directory), not an image")
-    sop_uid = _text(ds, "SOPInstanceUID")
-    series_uid = _text(ds, "SeriesInstanceUID")
-    if forced and not (sop_uid and (sop_class or series_uid)):
-        return SkippedFile(src, "not a DICOM file")
-    if not sop_uid:
-        return SkippedFile(src, "DICOM file without SOPInstanceUID")
-    if not series_uid:
-        return SkippedFile(src, "DICOM file without SeriesInstanceUID")
-    tsyntax = _text(meta, "TransferSyntaxUID") if meta is not None else ""
-    problems = []
-    position, p = _floats(ds, "ImagePositionPatient", 3)
-    if p:
-        problems.append(p)
-    orientation, p = _floats(ds, "ImageOrientationPatient", 6)
-    if p:
-        problems.append(p)
-    spacing, p = _floats(ds, "PixelSpacing", 2)
-    if p:
-        problems.append(p)
-    elif spacing is not None and min(spacing) <= 0:
+# Transfer syntaxes whose compression loses information (JPEG lossy processes, JPEG-LS near-lossless,
+# JPEG 2000 and HTJ2K that may be lossy). 1.2.840.10008.1.2.4.91 counts as lossy unless the file
+# says LossyImageCompression 00.
+_LOSSY_SYNTAXES = {
+    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.52", "1.2.840.10008.1.2.4.53",
+    "1.2.840.10008.1.2.4.54", "1.2.840.10008.1.2.4.55", "1.2.840.10008.1.2.4.56", "1.2.840.10008.1.2.4.59",
+    "1.2.840.10008.1.2.4.60", "1.2.840.10008.1.2.4.61", "1.2.840.10008.1.2.4.62", "1.2.840.10008.1.2.4.63",
+    "1.2.840.10008.1.2.4.64", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.93",
+    "1.2.840.10008.1.2.4.203",
+}
+
+
+def _is_lossy(ds, tsyntax: str) -> bool:  # noqa: ANN001
+    flag = _text(ds, "LossyImageCompression")
+    if flag == "01":
+        return True
+    if tsyntax == "1.2.840.10008.1.2.4.91" and flag == "00":
+        return False
+    return tsyntax in _LOSSY_SYNTAXES
+
+
+def _int_or(ds, keyword: str, default):  # noqa: ANN001, ANN202
+    try:
+        value = ds.get(keyword, None)
+        return default if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _check_geometry(position, orientation, spacing, problems: list[str]):  # noqa: ANN001, ANN202
+    if spacing is not None and min(spacing) <= 0:
         problems.append(f"PixelSpacing {list(spacing)} is not positive")
         spacing = None
     if orientation is not None:
@@ -373,35 +403,153 @@ def _header_from_dataset(src: Source, ds, forced: bool, keep: tuple[str, ...] = 
         if nr < 0.5 or nc < 0.5 or abs(dot) > 0.05 * nr * nc:
             problems.append("ImageOrientationPatient is not two orthogonal directions")
             orientation = None
-    thickness, _ = _floats(ds, "SliceThickness", 1)
+    return position, orientation, spacing
+
+
+def _group_floats(ds, index: int, macro: str, keyword: str, n: int, problems: list[str]):  # noqa: ANN001, ANN202
+    from spinelevel.engine.frames import frame_value
+
+    value = frame_value(ds, index, macro, keyword)
+    if value is None or value == "":
+        return None
+    values, problem = _floats(ds, keyword, n, value)
+    if problem:
+        problems.append(problem)
+    return values
+
+
+def _frame_geometry(ds, index: int):  # noqa: ANN001, ANN202
+    """(position, orientation, spacing, thickness, problems) of frame ``index`` of a multi-frame CT."""
+    problems: list[str] = []
+    position = _group_floats(ds, index, "PlanePositionSequence", "ImagePositionPatient", 3, problems)
+    orientation = _group_floats(ds, index, "PlaneOrientationSequence", "ImageOrientationPatient", 6, problems)
+    spacing = _group_floats(ds, index, "PixelMeasuresSequence", "PixelSpacing", 2, problems)
+    thickness = _group_floats(ds, index, "PixelMeasuresSequence", "SliceThickness", 1, [])
+    position, orientation, spacing = _check_geometry(position, orientation, spacing, problems)
+    return position, orientation, spacing, thickness, problems
+
+
+def _headers_from_dataset(src: Source, ds, forced: bool, keep: tuple[str, ...] = ()) -> list[FileHeader | SkippedFile]:  # noqa: ANN001
+    from spinelevel.engine.frames import frame_count, is_multiframe_ct
+    from spinelevel.engine.identity import detected_transfer_syntax, instance_uids, missing_identity
+
+    sop_uid, sop_class = instance_uids(ds)
+    if sop_class == _DICOMDIR_UID or "DirectoryRecordSequence" in ds:
+        return [SkippedFile(src, "DICOMDIR (media directory), not an image")]
+    series_uid = _text(ds, "SeriesInstanceUID")
+    study_uid = _text(ds, "StudyInstanceUID")
+    if forced and not (sop_uid and (sop_class or series_uid)):
+        return [SkippedFile(src, "not a DICOM file")]
+    if not sop_uid:
+        return [SkippedFile(src, missing_identity(ds))]
+    tsyntax = detected_transfer_syntax(ds)
     image_type = ds.get("ImageType", [])
     if isinstance(image_type, str):
         image_type = image_type.split("\\")
-    try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (TypeError, ValueError):
-        frames = 1
-    try:
-        rows = int(ds.get("Rows", 0) or 0)
-        columns = int(ds.get("Columns", 0) or 0)
-    except (TypeError, ValueError):
-        rows = columns = 0
-    return FileHeader(
+    frames = frame_count(ds)
+    rows = _int_or(ds, "Rows", 0)
+    columns = _int_or(ds, "Columns", 0)
+    base = dict(
         source=src,
-        study_uid=_text(ds, "StudyInstanceUID"),
-        series_uid=series_uid,
         sop_uid=sop_uid,
         sop_class_uid=sop_class,
         modality=_text(ds, "Modality").upper(),
         image_type=tuple(str(v).strip().upper() for v in image_type),
         transfer_syntax=tsyntax,
-        position=position,  # type: ignore[arg-type]
-        orientation=orientation,  # type: ignore[arg-type]
-        pixel_spacing=spacing,  # type: ignore[arg-type]
         rows=rows,
         columns=columns,
-        slice_thickness=thickness[0] if thickness else None,
         frames=frames,
-        geometry_problem="; ".join(problems),
         kept=tuple((kw, _text(ds, kw)) for kw in keep),
+        bits_stored=_int_or(ds, "BitsStored", 0),
+        instance_number=_int_or(ds, "InstanceNumber", None),
+        lossy=_is_lossy(ds, tsyntax),
+    )
+    flags: list[str] = []
+    if not study_uid:
+        study_uid = derived_study_uid(ds, src)
+        flags.append("derived_study_uid")
+
+    if is_multiframe_ct(sop_class) and "PerFrameFunctionalGroupsSequence" in ds:
+        out: list[FileHeader | SkippedFile] = []
+        for index in range(frames):
+            position, orientation, spacing, thickness, problems = _frame_geometry(ds, index)
+            out.append(_with_series(ds, src, series_uid, study_uid, flags, base, position, orientation, spacing, thickness, problems, index + 1))
+        return out
+
+    problems = []
+    position, p = _floats(ds, "ImagePositionPatient", 3)
+    if p:
+        problems.append(p)
+    orientation, p = _floats(ds, "ImageOrientationPatient", 6)
+    if p:
+        problems.append(p)
+    spacing, p = _floats(ds, "PixelSpacing", 2)
+    if p:
+        problems.append(p)
+    position, orientation, spacing = _check_geometry(position, orientation, spacing, problems)
+    thickness, _ = _floats(ds, "SliceThickness", 1)
+    return [_with_series(ds, src, series_uid, study_uid, flags, base, position, orientation, spacing, thickness, problems, None)]
+
+
+def _with_series(ds, src: Source, series_uid: str, study_uid: str, flags: list[str], base: dict, position, orientation, spacing, thickness, problems: list[str], frame: int | None) -> FileHeader:  # noqa: ANN001
+    flags = list(flags)
+    if not series_uid:
+        series_uid = derived_series_uid(ds, src, study_uid, orientation, spacing, base["rows"], base["columns"])
+        flags.append("derived_series_uid")
+    return FileHeader(
+        study_uid=study_uid,
+        series_uid=series_uid,
+        position=position,
+        orientation=orientation,
+        pixel_spacing=spacing,
+        slice_thickness=thickness[0] if thickness else None,
+        geometry_problem="; ".join(problems),
+        frame=frame,
+        flags=tuple(flags),
+        **base,
+    )
+
+
+def _folder_key(src: Source) -> str:
+    """The folder of a file, or archive path plus the member's folder: series do not span folders."""
+    if src.member is None:
+        return os.path.dirname(src.path)
+    return src.path + "::" + src.member.rpartition("/")[0]
+
+
+def derived_study_uid(ds, src: Source) -> str:  # noqa: ANN001 - pydicom Dataset
+    """The UID of a study whose StudyInstanceUID is empty.
+
+    Key: the folder (or archive member's folder), StudyDate, StudyTime and StudyID. No patient data.
+    """
+    from spinelevel.engine.identity import derived_uid
+
+    return derived_uid("study", (_folder_key(src), _text(ds, "StudyDate"), _text(ds, "StudyTime"), _text(ds, "StudyID")))
+
+
+def derived_series_uid(ds, src: Source, study_uid: str, orientation, spacing, rows: int, columns: int) -> str:  # noqa: ANN001
+    """The UID of a series whose SeriesInstanceUID is empty.
+
+    Key: the study UID (given or derived), FrameOfReferenceUID, Modality, SOP class, SeriesNumber,
+    AcquisitionNumber, ImageOrientationPatient and PixelSpacing (rounded to 1e-3), Rows x Columns and
+    the folder or archive-member folder. Slices that share all of these are one series.
+    """
+    from spinelevel.engine.identity import derived_uid, instance_uids
+
+    rounded = lambda v: None if v is None else tuple(round(x, 3) for x in v)  # noqa: E731
+    return derived_uid(
+        "series",
+        (
+            study_uid,
+            _text(ds, "FrameOfReferenceUID"),
+            _text(ds, "Modality").upper(),
+            instance_uids(ds)[1],
+            _text(ds, "SeriesNumber"),
+            _text(ds, "AcquisitionNumber"),
+            rounded(orientation),
+            rounded(spacing),
+            rows,
+            columns,
+            _folder_key(src),
+        ),
     )

@@ -8,20 +8,24 @@ single files in ``skipped_files``.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from spinelevel.engine.frames import MULTIFRAME_CT
+from spinelevel.engine.identity import derived_uid
 from spinelevel.engine.scan import FileHeader, SkippedFile
 from spinelevel.engine.sources import Source
 
-__all__ = ["SelectOptions", "SliceRef", "SeriesPlan", "SeriesSkip", "Selection", "select_series"]
+__all__ = ["SelectOptions", "SliceRef", "SeriesPlan", "SeriesSkip", "Selection", "select_series", "preference_rank"]
+
+log = logging.getLogger(__name__)
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-_MULTIFRAME_CT = {"1.2.840.10008.5.1.4.1.1.2.1": "enhanced CT", "1.2.840.10008.5.1.4.1.1.2.2": "legacy converted enhanced CT"}
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,13 @@ class SliceRef:
     z_mm: float
     # Transfer syntax UID (for messages).
     transfer_syntax: str
+    # 1-based frame number for a frame of a multi-frame CT file, None for a single-frame file.
+    frame: int | None = None
+
+    @property
+    def slice_id(self) -> str:
+        """The identity of the slice: the SOP instance UID, plus ``#frame`` for a frame."""
+        return self.sop_uid if self.frame is None else f"{self.sop_uid}#{self.frame}"
 
 
 @dataclass(frozen=True)
@@ -83,12 +94,16 @@ class SeriesSkip:
     study_uid: str
     series_uid: str
     reason: str
-    # Files met in the series.
+    # Images met in the series (single-frame files plus frames of multi-frame files).
     n_files: int
     # One skip record per file of the series.
     files: tuple[SkippedFile, ...] = ()
     # Tags kept on request (--keep-phi), as (keyword, value).
     kept: tuple[tuple[str, str], ...] = ()
+    # 'skipped' (not classifiable, with the reason) or 'error' (selection itself failed).
+    status: str = "skipped"
+    # Findings about the series (derived_series_uid, derived_study_uid, ...).
+    flags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -110,16 +125,86 @@ def select_series(items: Iterable[FileHeader | SkippedFile], options: SelectOpti
             skipped_files.append(item)
         else:
             groups[item.series_uid].append(item)
+    groups = _split_multiframe_twins(groups)
     plans: list[SeriesPlan] = []
     skipped_series: list[SeriesSkip] = []
     for series_uid in sorted(groups):
-        plan, skip = _select_one(groups[series_uid], options)
+        try:
+            plan, skip = _select_one(groups[series_uid], options)
+        except Exception as exc:  # one odd series must not take the run down
+            log.debug("selecting series %s failed", series_uid, exc_info=True)
+            files = groups[series_uid]
+            reason = f"unexpected error while selecting the series ({type(exc).__name__}: {exc})"
+            plan, skip = None, SeriesSkip(
+                Counter(f.study_uid for f in files).most_common(1)[0][0], series_uid, reason, len(files),
+                _file_records(files, f"series failed: {reason}"), status="error", flags=_identity_flags(files),
+            )
         if plan is not None:
             plans.append(plan)
         if skip is not None:
             skipped_series.append(skip)
     plans.sort(key=lambda p: (p.study_uid, p.series_uid))
     return Selection(tuple(plans), tuple(skipped_series), tuple(skipped_files))
+
+
+def _split_multiframe_twins(groups: dict[str, list[FileHeader]]) -> dict[str, list[FileHeader]]:
+    """A series UID shared by single-frame files and multi-frame files is two series.
+
+    Archive converters sometimes keep the SeriesInstanceUID when they turn a single-frame series into
+    Legacy Converted Enhanced CT; both copies in one archive would otherwise merge into one series
+    with every slice twice. The multi-frame part gets a derived UID (flag ``derived_series_uid``).
+    """
+    out: dict[str, list[FileHeader]] = {}
+    for uid, files in groups.items():
+        single = [f for f in files if f.frame is None]
+        multi = [f for f in files if f.frame is not None]
+        if single and multi:
+            twin = derived_uid("multiframe-twin", (uid,))
+            out[uid] = single
+            out[twin] = [replace(f, series_uid=twin, flags=tuple(sorted(set(f.flags) | {"derived_series_uid"}))) for f in multi]
+        else:
+            out[uid] = files
+    return out
+
+
+def _identity_flags(files: list[FileHeader]) -> tuple[str, ...]:
+    return tuple(sorted({flag for f in files for flag in f.flags}))
+
+
+def _label(f: FileHeader) -> str:
+    return f.source.label if f.frame is None else f"{f.source.label} frame {f.frame}"
+
+
+def _file_records(files: list[FileHeader], reason: str) -> tuple[SkippedFile, ...]:
+    """One skip record per file (a multi-frame file once, however many of its frames)."""
+    seen: dict[str, SkippedFile] = {}
+    for f in files:
+        seen.setdefault(f.source.label, SkippedFile(f.source, reason))
+    return tuple(seen.values())
+
+
+def preference_rank(f: FileHeader) -> tuple:
+    """Which of two images of one slice to keep (smaller first).
+
+    ORIGINAL before DERIVED, lossless before lossy compression, more BitsStored, lower
+    InstanceNumber; then the SOP instance UID, frame and file name, so the choice is deterministic.
+    """
+    derived = bool(f.image_type) and f.image_type[0] == "DERIVED"
+    number = f.instance_number if f.instance_number is not None else float("inf")
+    return (derived, f.lossy, -f.bits_stored, number, f.sop_uid, f.frame or 0, f.source.label)
+
+
+def _why_kept(kept: FileHeader, other: FileHeader) -> str:
+    a, b = preference_rank(kept), preference_rank(other)
+    if a[0] != b[0]:
+        return "ORIGINAL image over DERIVED"
+    if a[1] != b[1]:
+        return "lossless over lossy compression"
+    if a[2] != b[2]:
+        return f"BitsStored {kept.bits_stored} over {other.bits_stored}"
+    if a[3] != b[3]:
+        return "lower InstanceNumber"
+    return "same rank, first by SOP instance UID and name"
 
 
 def _series_kind_problem(files: list[FileHeader]) -> str:
@@ -133,13 +218,14 @@ def _series_kind_problem(files: list[FileHeader]) -> str:
         return "radiotherapy object (RT), not a CT image"
     if sop.startswith("1.2.840.10008.5.1.4.1.1.7"):
         return "secondary capture, not an original CT image"
-    if sop in _MULTIFRAME_CT or any(f.frames > 1 for f in files):
-        what = _MULTIFRAME_CT.get(sop, "multi-frame image")
-        return f"{what} (multi-frame) is not supported; convert it to single-frame CT images"
+    if sop in MULTIFRAME_CT and any(f.frame is None for f in files):
+        return f"{MULTIFRAME_CT[sop]} file without Per-frame Functional Groups: its frames have no positions"
+    if sop not in MULTIFRAME_CT and any(f.frames > 1 for f in files):
+        return f"multi-frame image of SOP class {sop or 'missing'} is not an Enhanced or Legacy Converted Enhanced CT"
     if modality != "CT":
         return f"modality {modality or 'missing'} is not CT"
-    if sop != CT_IMAGE_STORAGE:
-        return f"SOP class {sop or 'missing'} is not CT Image Storage"
+    if sop != CT_IMAGE_STORAGE and sop not in MULTIFRAME_CT:
+        return f"SOP class {sop or 'missing'} is not CT Image Storage, Enhanced CT or Legacy Converted Enhanced CT"
     if any("LOCALIZER" in f.image_type for f in files):
         return "localizer (scout) images"
     return ""
@@ -167,51 +253,58 @@ def _select_one(files: list[FileHeader], options: SelectOptions) -> tuple[Series
     study_uid = Counter(f.study_uid for f in files).most_common(1)[0][0]
     series_uid = files[0].series_uid
     phi = Counter(f.kept for f in files).most_common(1)[0][0]
+    identity = _identity_flags(files)
     dropped: list[SkippedFile] = []
 
     def skip_all(reason: str, members: list[FileHeader]) -> tuple[None, SeriesSkip]:
-        dropped.extend(SkippedFile(f.source, f"series skipped: {reason}") for f in members)
-        return None, SeriesSkip(study_uid, series_uid, reason, len(files), tuple(dropped), phi)
+        dropped.extend(_file_records(members, f"series skipped: {reason}"))
+        return None, SeriesSkip(study_uid, series_uid, reason, len(files), tuple(dropped), phi, flags=identity)
+
+    def drop(f: FileHeader, reason: str) -> None:
+        dropped.append(SkippedFile(f.source, reason if f.frame is None else f"frame {f.frame}: {reason}"))
 
     problem = _series_kind_problem(files)
     if problem:
         return skip_all(problem, files)
 
-    # One file per SOP instance: the same instance may sit in a folder and in an archive.
-    files = sorted(files, key=lambda f: (f.sop_uid, f.source.label))
-    unique: list[FileHeader] = []
+    # One image per slice identity: the same instance may sit in a folder and in an archive.
+    by_id: dict[str, list[FileHeader]] = defaultdict(list)
     for f in files:
-        if unique and unique[-1].sop_uid == f.sop_uid:
-            dropped.append(SkippedFile(f.source, f"duplicate SOPInstanceUID (kept {unique[-1].source.label})"))
-        else:
-            unique.append(f)
+        by_id[f.slice_id].append(f)
+    unique: list[FileHeader] = []
+    for slice_id in sorted(by_id):
+        copies = sorted(by_id[slice_id], key=preference_rank)
+        unique.append(copies[0])
+        for other in copies[1:]:
+            drop(other, f"duplicate SOPInstanceUID (kept {_label(copies[0])}: {_why_kept(copies[0], other)})")
 
     usable: list[FileHeader] = []
     for f in unique:
         missing = [name for name, v in (("ImagePositionPatient", f.position), ("ImageOrientationPatient", f.orientation), ("PixelSpacing", f.pixel_spacing)) if v is None]
         if f.geometry_problem:
-            dropped.append(SkippedFile(f.source, f"unusable geometry: {f.geometry_problem}"))
+            drop(f, f"unusable geometry: {f.geometry_problem}")
         elif missing:
-            dropped.append(SkippedFile(f.source, f"unusable geometry: missing {', '.join(missing)}"))
+            drop(f, f"unusable geometry: missing {', '.join(missing)}")
         elif f.rows <= 0 or f.columns <= 0:
-            dropped.append(SkippedFile(f.source, "missing Rows or Columns"))
+            drop(f, "missing Rows or Columns")
         elif f.rows * f.columns > options.max_pixels:
-            dropped.append(SkippedFile(f.source, f"{f.rows}x{f.columns} pixels is over the limit of {options.max_pixels}"))
+            drop(f, f"{f.rows}x{f.columns} pixels is over the limit of {options.max_pixels}")
         else:
             usable.append(f)
     if not usable:
-        return None, SeriesSkip(study_uid, series_uid, "no slice with usable geometry", len(files), tuple(dropped), phi)
+        return None, SeriesSkip(study_uid, series_uid, f"no slice with usable geometry ({len(files)} images)", len(files), tuple(dropped), phi, flags=identity)
 
     # Slices must share orientation, spacing and size: keep the largest consistent group.
     by_key: dict[tuple, list[FileHeader]] = defaultdict(list)
     for f in usable:
         by_key[_geometry_key(f)].append(f)
     main_key = max(by_key, key=lambda k: (len(by_key[k]), k))
-    flags: set[str] = set()
+    flags: set[str] = set(identity)
     for key, members in by_key.items():
         if key != main_key:
             flags.add("dropped_inconsistent_slices")
-            dropped.extend(SkippedFile(f.source, _difference(key, main_key)) for f in members)
+            for f in members:
+                drop(f, _difference(key, main_key))
     kept = by_key[main_key]
 
     orientation = np.asarray(kept[0].orientation, dtype=np.float64)
@@ -237,39 +330,51 @@ def _select_one(files: list[FileHeader], options: SelectOptions) -> tuple[Series
     along = along[order]
     positions = positions[order]
 
-    # Duplicate positions: keep the first (by SOP UID order), record the rest.
-    keep_mask = np.ones(len(ordered), dtype=bool)
-    for i in range(1, len(ordered)):
-        j = i - 1
-        while not keep_mask[j]:
-            j -= 1
-        if abs(along[i] - along[j]) < options.duplicate_tolerance_mm:
-            keep_mask[i] = False
-            flags.add("duplicate_positions")
-            dropped.append(SkippedFile(ordered[i].source, f"duplicate slice position z={positions[i, 2]:.2f} mm (kept {ordered[j].source.label})"))
+    # Duplicate positions: of the images within the tolerance of one position, keep the preferred one
+    # (ORIGINAL, lossless, more bits, lower InstanceNumber; preference_rank) and record the rest.
+    keep_mask = np.zeros(len(ordered), dtype=bool)
+    start = 0
+    while start < len(ordered):
+        end = start + 1
+        while end < len(ordered) and abs(along[end] - along[end - 1]) < options.duplicate_tolerance_mm:
+            end += 1
+        cluster = list(range(start, end))
+        best = min(cluster, key=lambda i: preference_rank(ordered[i]))
+        keep_mask[best] = True
+        for i in cluster:
+            if i != best:
+                flags.add("duplicate_positions")
+                drop(ordered[i], f"duplicate slice position z={positions[i, 2]:.2f} mm (kept {_label(ordered[best])}: {_why_kept(ordered[best], ordered[i])})")
+        start = end
     ordered = [f for f, k in zip(ordered, keep_mask) if k]
     along = along[keep_mask]
     positions = positions[keep_mask]
 
     n = len(ordered)
     if n < options.min_slices:
-        return skip_all(f"{n} slices, fewer than --min-slices {options.min_slices}", ordered)
+        what = f"{n} distinct slice position{'s' if n != 1 else ''}"
+        if n != len(files):
+            what += f" among {len(files)} images"
+        return skip_all(f"{what}, fewer than --min-slices {options.min_slices}", ordered)
     if n > options.max_slices:
         return skip_all(f"{n} slices, more than the limit of {options.max_slices}", ordered)
 
+    thicknesses = [f.slice_thickness for f in ordered if f.slice_thickness is not None and f.slice_thickness > 0]
+    thickness = float(np.median(thicknesses)) if thicknesses else None
     gaps = np.abs(np.diff(along))
-    spacing = float(np.median(gaps))
-    if gaps.max() > 1.5 * spacing + 0.01:
-        flags.add("uneven_spacing")
+    if len(gaps):
+        spacing = float(np.median(gaps))
+        if gaps.max() > 1.5 * spacing + 0.01:
+            flags.add("uneven_spacing")
+    else:  # a single slice: its thickness stands for the spacing
+        spacing = thickness or 0.0
     stack = positions[-1] - positions[0]
     stack_norm = float(np.linalg.norm(stack))
     if stack_norm > 0:
         tilt = math.degrees(math.acos(min(1.0, abs(float(stack @ normal)) / stack_norm)))
         if tilt > options.tilt_tolerance_deg:
             flags.add("gantry_tilt")
-    thicknesses = [f.slice_thickness for f in ordered if f.slice_thickness is not None and f.slice_thickness > 0]
-    thickness = float(np.median(thicknesses)) if thicknesses else None
 
-    slices = tuple(SliceRef(f.source, f.sop_uid, float(p[2]), f.transfer_syntax) for f, p in zip(ordered, positions))
+    slices = tuple(SliceRef(f.source, f.sop_uid, float(p[2]), f.transfer_syntax, f.frame) for f, p in zip(ordered, positions))
     plan = SeriesPlan(study_uid, series_uid, slices, thickness, spacing, tuple(sorted(flags)), tuple(dropped), phi)
     return plan, None

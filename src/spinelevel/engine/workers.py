@@ -58,6 +58,8 @@ class DecodeTask:
     max_bytes: int
     # 'numpy': return model input; 'dali': return packed stored values for the DALI graph.
     preprocess: str = "numpy"
+    # 1-based frame per slice for frames of multi-frame files (None: single-frame file); () = all None.
+    frames: tuple[int | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,19 +88,20 @@ def prepare(task: DecodeTask) -> Prepared:
     packed: list = []
     failures: list[tuple[int, str]] = []
     crash_sop = os.environ.get(CRASH_SOP_ENV)
-    for index, src, sop in zip(task.indices, task.sources, task.sop_uids):
+    frames = task.frames or (None,) * len(task.indices)
+    for index, src, sop, frame in zip(task.indices, task.sources, task.sop_uids, frames):
         if crash_sop and sop == crash_sop and multiprocessing.parent_process() is not None:
             os._exit(70)
         try:
             if task.preprocess == "dali":
                 from spinelevel.engine.dali import pack_slice
 
-                stored, found_sop = read_stored(src, task.max_bytes)
+                stored, found_sop = read_stored(src, task.max_bytes, frame)
                 if found_sop != sop:
                     raise DecodeError("file changed since it was scanned (SOPInstanceUID differs)")
                 packed.append(pack_slice(stored.raw, stored.slope, stored.intercept, stored.padding))
             else:
-                hu, found_sop = read_hu(src, task.max_bytes)
+                hu, found_sop = read_hu(src, task.max_bytes, frame)
                 if found_sop != sop:
                     raise DecodeError("file changed since it was scanned (SOPInstanceUID differs)")
                 arrays.append(preprocess_slice(hu, task.spec))

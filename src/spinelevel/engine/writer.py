@@ -51,6 +51,7 @@ SERIES_SCHEMA = pa.schema(
         ("slice_thickness_mm", pa.float64()),
         ("l3_index", pa.int32()),
         ("l3_sop_uid", pa.string()),
+        ("l3_frame", pa.int32()),
         ("l3_z_mm", pa.float64()),
         ("l3_first_index", pa.int32()),
         ("l3_last_index", pa.int32()),
@@ -76,6 +77,8 @@ def slices_schema(classes: tuple[str, ...]) -> pa.Schema:
         ("study_uid", pa.string()),
         ("series_uid", pa.string()),
         ("sop_uid", pa.string()),
+        # 1-based frame of a multi-frame file; null for single-frame files. A slice is (sop_uid, frame).
+        ("frame", pa.int32()),
         ("source", pa.string()),
         ("slice_index", pa.int32()),
         ("z_mm", pa.float64()),
@@ -106,6 +109,8 @@ class SeriesResult:
     flags: tuple[str, ...]
     # Tags kept on request (--keep-phi), as (keyword, value).
     kept: tuple[tuple[str, str], ...] = ()
+    # Per slice: 1-based frame of a multi-frame file, None for single-frame files; () = all None.
+    frames: tuple[int | None, ...] = ()
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -170,6 +175,8 @@ class RunWriter:
         cols["study_uid"].extend([r.study_uid] * n)
         cols["series_uid"].extend([r.series_uid] * n)
         cols["sop_uid"].extend(r.sop_uids)
+        frames = r.frames or (None,) * n
+        cols["frame"].extend(frames)
         cols["source"].extend(r.sources)
         cols["slice_index"].extend(range(n))
         cols["z_mm"].extend(np.asarray(r.z_mm, dtype=np.float64).tolist())
@@ -191,6 +198,7 @@ class RunWriter:
             slice_thickness_mm=r.slice_thickness_mm,
             l3_index=l3,
             l3_sop_uid=r.sop_uids[l3] if l3 is not None else None,
+            l3_frame=frames[l3] if l3 is not None else None,
             l3_z_mm=float(r.z_mm[l3]) if l3 is not None else None,
             l3_first_index=lv.l3_first_index,
             l3_last_index=lv.l3_last_index,
@@ -216,6 +224,7 @@ class RunWriter:
             slice_thickness_mm=None,
             l3_index=None,
             l3_sop_uid=None,
+            l3_frame=None,
             l3_z_mm=None,
             l3_first_index=None,
             l3_last_index=None,

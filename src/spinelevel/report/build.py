@@ -167,7 +167,7 @@ def draw_series(sl: SeriesSlices, l3_index: int | None, l3_z_mm: float | None, c
         hit = np.flatnonzero(sl.slice_index == l3_index)
         l3_pos = int(hit[0]) if hit.size else None
     try:
-        views = read_views(sl.sources, sl.z_mm, l3_pos, opts.volume)
+        views = read_views(sl.sources, sl.z_mm, l3_pos, opts.volume, sl.frames)
     except DecodeError as exc:
         return {"uid": uid, "images": "unavailable", "images_reason": str(exc)}
     out = Path(out)

@@ -27,7 +27,7 @@ __all__ = ["SeriesSlices", "RunData", "read_run", "read_evaluation", "SLICE_COLU
 log = logging.getLogger(__name__)
 
 # Columns of DIR/slices that the pictures use (DESIGN 3.2).
-SLICE_COLUMNS = ("series_uid", "source", "slice_index", "z_mm", "level", "level_argmax", "evaluated")
+SLICE_COLUMNS = ("series_uid", "source", "frame", "slice_index", "z_mm", "level", "level_argmax", "evaluated")
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,8 @@ class SeriesSlices:
     argmax: tuple[str | None, ...]
     # The model ran on this slice.
     evaluated: np.ndarray
+    # 1-based frame per slice for frames of multi-frame files, None for single-frame files.
+    frames: tuple[int | None, ...] = ()
 
     def disagreements(self) -> np.ndarray:
         """Positions (into this table) of evaluated slices whose argmax differs from the decoding."""
@@ -83,7 +85,15 @@ def _dataset(path: Path, what: str):  # noqa: ANN202 - pyarrow.dataset.Dataset
             f"{path.parent}: not a run directory of 'spinelevel run' (the {what} dataset {path.name}/ is missing)"
         )
     try:
-        return ds.dataset(str(path), format="parquet")
+        dataset = ds.dataset(str(path), format="parquet")
+        # Parts written before a column existed (e.g. slices' frame) lack it: read them all under the
+        # union of the parts' schemas, so the missing column reads as null instead of vanishing.
+        schemas = [frag.physical_schema for frag in dataset.get_fragments()]
+        if len({tuple(sch.names) for sch in schemas}) > 1:
+            import pyarrow as pa
+
+            dataset = ds.dataset(str(path), format="parquet", schema=pa.unify_schemas(schemas))
+        return dataset
     except Exception as exc:
         raise InputError(f"{path}: unreadable {what} dataset ({type(exc).__name__}: {exc})") from None
 
@@ -129,15 +139,17 @@ def _iter_slices(path: Path, uids: set[str] | None) -> Iterator[SeriesSlices]:
             if uids is None or uid in uids:
                 parts_left[uid] = parts_left.get(uid, 0) + 1
     held: dict[str, list[dict[str, list]]] = {}
+    names = set(dataset.schema.names)
+    columns = [c for c in SLICE_COLUMNS if c in names]  # outputs of older versions have no frame
     for frag in fragments:
-        table = frag.to_table(columns=list(SLICE_COLUMNS))
+        table = frag.to_table(columns=columns, schema=dataset.schema)
         if uids is not None:
             table = table.filter(pc.is_in(table.column("series_uid"), value_set=_string_array(sorted(uids))))
         if table.num_rows == 0:
             continue
         table = table.sort_by([("series_uid", "ascending"), ("slice_index", "ascending")])
         uid_col = table.column("series_uid").to_pylist()
-        cols = {name: table.column(name).to_pylist() for name in SLICE_COLUMNS[1:]}
+        cols = {name: table.column(name).to_pylist() if name in names else [None] * len(uid_col) for name in SLICE_COLUMNS[1:]}
         start = 0
         for end in range(1, len(uid_col) + 1):
             if end < len(uid_col) and uid_col[end] == uid_col[start]:
@@ -172,6 +184,7 @@ def _merge(uid: str, chunks: list[dict[str, list]]) -> SeriesSlices:
         level=tuple(merged["level"][i] for i in pick),
         argmax=tuple(merged["level_argmax"][i] for i in pick),
         evaluated=np.asarray([bool(v) for v in merged["evaluated"]], dtype=bool)[order],
+        frames=tuple(None if merged["frame"][i] is None else int(merged["frame"][i]) for i in pick),
     )
 
 

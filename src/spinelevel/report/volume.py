@@ -26,7 +26,6 @@ read from the files: nothing that identifies the patient.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import tarfile
@@ -36,8 +35,9 @@ from functools import lru_cache
 
 import numpy as np
 
-from spinelevel.engine.decode import decode_hu
-from spinelevel.engine.sources import Source, read_source
+from spinelevel.engine.decode import decode_hu, read_dataset
+from spinelevel.engine.frames import frame_value
+from spinelevel.engine.sources import Source
 from spinelevel.errors import DecodeError
 
 __all__ = ["VolumeOptions", "SeriesViews", "parse_label", "positions", "source_for_label", "read_slice", "read_views", "pick_planes"]
@@ -164,36 +164,27 @@ class _Slice:
     spacing: tuple[float, float]  # (row mm, column mm) in canonical orientation
 
 
-def read_slice(label: str, max_bytes: int) -> _Slice:
-    """Read one slice by its ``source`` label, in HU, turned to the standard axial orientation.
+def read_slice(label: str, max_bytes: int, frame: int | None = None) -> _Slice:
+    """Read one slice (or one frame of a multi-frame file) by its ``source`` label, in HU, turned to
+    the standard axial orientation.
 
     Raises:
         DecodeError: the file cannot be found, read or decoded.
     """
-    import pydicom
-
     src = source_for_label(label)
-    try:
-        data = read_source(src, max_bytes)
-    except KeyError:
-        raise DecodeError("member not found in the archive") from None
-    except OSError as exc:
-        raise DecodeError(f"cannot read file: {exc.strerror or exc}") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom's warnings may quote header values
-        try:
-            ds = pydicom.dcmread(io.BytesIO(data), force=True)
-        except Exception as exc:
-            raise DecodeError(f"DICOM file is unreadable ({type(exc).__name__})") from None
-        hu = decode_hu(ds)
-        spacing = _spacing(ds)
-        iop = _orientation(ds)
+        ds = read_dataset(src, max_bytes, frame)
+        hu = decode_hu(ds, frame)
+        spacing = _spacing(ds, frame)
+        iop = _orientation(ds, frame)
     return _Slice(*_canonical(hu, spacing, iop))
 
 
-def _spacing(ds) -> tuple[float, float]:  # noqa: ANN001
+def _spacing(ds, frame: int | None = None) -> tuple[float, float]:  # noqa: ANN001
     try:
-        row, col = (float(v) for v in ds.PixelSpacing[:2])
+        value = ds.PixelSpacing if frame is None else frame_value(ds, frame - 1, "PixelMeasuresSequence", "PixelSpacing")
+        row, col = (float(v) for v in value[:2])
         if row > 0 and col > 0:
             return row, col
     except (AttributeError, TypeError, ValueError, IndexError):
@@ -201,9 +192,10 @@ def _spacing(ds) -> tuple[float, float]:  # noqa: ANN001
     return 1.0, 1.0
 
 
-def _orientation(ds) -> np.ndarray:  # noqa: ANN001
+def _orientation(ds, frame: int | None = None) -> np.ndarray:  # noqa: ANN001
     try:
-        iop = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
+        value = ds.ImageOrientationPatient if frame is None else frame_value(ds, frame - 1, "PlaneOrientationSequence", "ImageOrientationPatient")
+        iop = np.asarray([float(v) for v in value], dtype=np.float64)
         if iop.shape == (6,) and np.all(np.isfinite(iop)):
             return iop
     except (AttributeError, TypeError, ValueError):
@@ -332,7 +324,7 @@ def _choose(pos_mm: np.ndarray, want: int) -> np.ndarray:
     return np.unique(nearer)
 
 
-def read_views(sources: tuple[str, ...], z_mm: np.ndarray, l3_position: int | None, options: VolumeOptions = VolumeOptions()) -> SeriesViews:
+def read_views(sources: tuple[str, ...], z_mm: np.ndarray, l3_position: int | None, options: VolumeOptions = VolumeOptions(), frames: tuple[int | None, ...] = ()) -> SeriesViews:
     """Read a series and build its sagittal and coronal slab reconstructions and its L3 slice.
 
     Args:
@@ -340,6 +332,7 @@ def read_views(sources: tuple[str, ...], z_mm: np.ndarray, l3_position: int | No
         z_mm: z per slice (same order).
         l3_position: position in ``sources`` of the L3 pick, or None.
         options: how to read.
+        frames: 1-based frame per slice for multi-frame files (None or () for single-frame files).
 
     Raises:
         DecodeError: too few slices could be read (the message gives the first reason).
@@ -353,7 +346,7 @@ def read_views(sources: tuple[str, ...], z_mm: np.ndarray, l3_position: int | No
     def get(i: int) -> _Slice | None:
         if i not in cache:
             try:
-                cache[i] = read_slice(sources[i], options.max_file_bytes)
+                cache[i] = read_slice(sources[i], options.max_file_bytes, frames[i] if frames else None)
             except DecodeError as exc:
                 failures.append(str(exc))
                 cache[i] = None

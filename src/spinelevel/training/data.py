@@ -204,6 +204,10 @@ def collect_slices(
             used = False
             for ref in plan.slices:
                 assert table is not None
+                if ref.frame is not None:
+                    # a labels table names slices by sop_uid, which all frames of a file share
+                    summary["unlabelled_slices"] += 1
+                    continue
                 if ref.sop_uid not in table.level:
                     summary["unlabelled_slices"] += 1
                     continue

@@ -138,7 +138,8 @@ def evaluate_run(run_dir: Path, labels: Path, out: Path, options: EvaluateOption
 
     by_series: dict[str, list[dict[str, Any]]] = {}
     for r in slices:
-        if r["sop_uid"] in table.level:
+        # labels name slices by sop_uid, which the frames of a multi-frame file share: not joined
+        if r["sop_uid"] in table.level and r.get("frame") is None:
             by_series.setdefault(r["series_uid"], []).append(r)
     if not by_series:
         raise InputError(f"no slice of the run in {run_dir} is in the labels table {labels} (joined on sop_uid)")
