@@ -25,7 +25,7 @@ from spinelevel.errors import BackendUnavailableError, InputError
 STUDY = "1.2.826.0.1.3680043.8.498.77"
 FULL = RunOptions(workers=0, batch_size=6, chunk_slices=5, sampling=SamplingOptions(mode="full"))
 SPARSE = RunOptions(workers=0, batch_size=6, chunk_slices=5, sampling=SamplingOptions(mode="sparse"))
-KEYS = {"slices": ["sop_uid"], "series": ["series_uid"], "skipped": ["source", "reason"]}
+KEYS = {"slices": ["sop_uid", "frame"], "series": ["series_uid"], "skipped": ["source", "reason"]}
 
 
 def _tables(out: Path) -> dict:
@@ -204,3 +204,17 @@ def test_cli_ray_option_runs_on_ray(ray_local, tmp_path: Path, archive: Path, mo
     runs = json.loads((out / "run.json").read_text())["runs"]
     assert "ray" in runs[-1]["options"]
     _assert_same(reference["full"], out)
+
+
+@pytest.mark.parametrize("options", [FULL, SPARSE], ids=["full", "sparse"])
+def test_ray_classifies_multiframe_ct_like_a_single_machine(ray_local, tmp_path: Path, model_path: Path, options: RunOptions) -> None:  # noqa: ANN001
+    from test_real_archives import _legacy_converted
+
+    single = write_series(tmp_path / "single", SeriesSpec(levels=LEVELS_30, study_uid=STUDY, size=32, seed=60), nested=False)
+    mf = _legacy_converted(single, tmp_path / "in" / "legacy.dcm")
+    run([mf.parent], model_path, tmp_path / "local", options)
+    summary = run_on_ray([mf.parent], model_path, tmp_path / "ray", options, RayOptions())
+    assert summary.series_ok == 1
+    _assert_same(tmp_path / "local", tmp_path / "ray")
+    frames = pq.read_table(tmp_path / "ray" / "slices").column("frame").to_pylist()
+    assert sorted(f for f in frames) == sorted(set(frames)) and None not in frames

@@ -93,6 +93,47 @@ def _ensure_transfer_syntax(ds) -> str:  # noqa: ANN001 - pydicom Dataset
     return detected
 
 
+# pydicom's decoder plugins in the order the engine tries them (pydicom's own order without GDCM).
+_PLUGIN_ORDER = ("pylibjpeg", "pyjpegls", "pillow", "pydicom")
+
+
+def _plugins(tsyntax: str) -> tuple[str, ...]:
+    """pydicom's available decoder plugins for ``tsyntax``, in its order (() for native syntaxes)."""
+    from pydicom.pixels.decoders.base import get_decoder
+
+    try:
+        return tuple(get_decoder(tsyntax).available_plugins)
+    except (NotImplementedError, ValueError, AttributeError):
+        return ()
+
+
+def _pixel_array(ds, tsyntax: str, index: int | None):  # noqa: ANN001, ANN202
+    """Decode one frame; with python-gdcm installed, GDCM is only the fallback.
+
+    pydicom puts GDCM first among the plugins once it is installed; the engine keeps its tested
+    decoders (pylibjpeg, pyjpegls) first and tries GDCM only when they fail, so installing the
+    optional GDCM (for the retired JPEG syntaxes) changes no result that decoded before.
+    """
+    from pydicom.pixels import pixel_array
+
+    plugins = _plugins(tsyntax)
+    if "gdcm" not in plugins:
+        return pixel_array(ds, index=index)
+    # the order pydicom tries them in without GDCM (pylibjpeg first), GDCM last
+    preferred = sorted((p for p in plugins if p != "gdcm"), key=lambda p: (_PLUGIN_ORDER.index(p) if p in _PLUGIN_ORDER else len(_PLUGIN_ORDER), p))
+    if not preferred:
+        return pixel_array(ds, index=index, decoding_plugin="gdcm")
+    try:
+        return pixel_array(ds, index=index, decoding_plugin=preferred[0])
+    except Exception:
+        for plugin in preferred[1:] + ["gdcm"]:
+            try:
+                return pixel_array(ds, index=index, decoding_plugin=plugin)
+            except Exception:
+                continue
+        raise
+
+
 def _no_pixel_data(ds) -> str:  # noqa: ANN001 - pydicom Dataset
     """Why a file without PixelData has no pixels we can read: name a known private compression."""
     from pydicom.tag import Tag
@@ -130,12 +171,8 @@ def decode_stored(ds, frame: int | None = None) -> StoredSlice:  # noqa: ANN001 
     try:
         if retired_jpeg.is_retired_jpeg(tsyntax):
             raw = retired_jpeg.decode_frame(ds, 0 if frame is None else frame - 1)
-        elif frame is None:
-            raw = ds.pixel_array
         else:
-            from pydicom.pixels import pixel_array
-
-            raw = pixel_array(ds, index=frame - 1)
+            raw = _pixel_array(ds, tsyntax, None if frame is None else frame - 1)
     except DecodeError:
         raise
     except Exception as exc:  # pydicom raises RuntimeError, NotImplementedError, ValueError...

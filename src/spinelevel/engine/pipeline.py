@@ -17,6 +17,7 @@ import re
 import secrets
 import json
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -190,6 +191,8 @@ class _Scheduler:
         self._packed: list = []
         self._buffered = 0
         self.model_calls = 0
+        # Third-party log records counted in decode worker processes (thirdparty_log).
+        self.thirdparty_records = 0
         self.dali = None
         if options.preprocess == "dali":
             from spinelevel.engine.cuda import cuda_available
@@ -248,6 +251,7 @@ class _Scheduler:
         work.outstanding += len(order)
 
     def _receive(self, prepared: Prepared) -> None:
+        self.thirdparty_records += prepared.thirdparty_records
         work = self.open[prepared.key]
         if work.error is not None:  # the series has failed: its slices are only counted off
             work.outstanding -= len(prepared.failures) + len(prepared.indices)
@@ -371,8 +375,10 @@ def _write_series(writer: RunWriter, plan: SeriesPlan, key: str, result: SeriesR
     if isinstance(result, str):
         reason = result
     else:
+        common, count = Counter(failures.values()).most_common(1)[0] if failures else ("", 0)
+        why = f"; {'all' if count == len(failures) else 'most'}: {common}" if common else ""
         reason = (
-            f"only {ok} of {len(plan.slices)} slices could be decoded (--min-slices {options.select.min_slices}); "
+            f"only {ok} of {len(plan.slices)} slices could be decoded (--min-slices {options.select.min_slices}){why}; "
             "see skipped for each file"
         )
     # the slices that did decode belong to no classified series either: account for them too
@@ -570,8 +576,11 @@ def run(paths: list[Path], model: Path, out: Path, options: RunOptions = RunOpti
         ModelError / CardError / BackendUnavailableError: the model cannot be run.
         OutputError: the output directory cannot be written.
     """
+    from spinelevel.engine import thirdparty_log
+
     progress = progress or NoProgress()
     paths = check_run_inputs(paths, options)
+    thirdparty_log.install()  # pydicom's warnings quote header values: count them, drop the values
     started = time.perf_counter()
     started_at = now()
     run_id = new_run_id()
@@ -620,9 +629,12 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
     manifest_run = manifest_entry(run_id, started_at, model, model_sha, card, choice, options, mode, paths, {"workers": options.workers, "worker_kind": options.worker_kind})
     manifest = start_history(out, manifest_run)
 
+    from spinelevel.engine import thirdparty_log
+
     status = "failed"
     already_done = 0
     scheduler: _Scheduler | None = None
+    records_before = thirdparty_log.record_count()
     pool = DecodePool(options.workers, kind=options.worker_kind)
     try:
         pool.start()  # workers import their decoders while the scan runs
@@ -653,6 +665,8 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
             seconds=round(seconds, 3),
             counts=dict(writer.counts, series_already_done=already_done),
             model_calls=scheduler.model_calls if scheduler is not None else 0,
+            # warnings of pydicom and the decoders (values dropped; --verbose shows them redacted)
+            third_party_log_records=thirdparty_log.record_count() - records_before + (scheduler.thirdparty_records if scheduler is not None else 0),
         )
         try:
             write_json_atomic(out / "run.json", manifest)

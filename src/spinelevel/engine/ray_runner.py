@@ -162,7 +162,10 @@ def _rows(batch: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
 
 def _decode_series(batch: dict[str, np.ndarray], spec: PreprocessSpec, max_bytes: int, chunk: int) -> Iterator[dict[str, np.ndarray]]:
     """Ray task: decode and preprocess every slice of some series, one output batch per chunk."""
+    from spinelevel.engine import thirdparty_log
+
     _maybe_crash("decode")
+    thirdparty_log.install()  # header values stay out of the Ray workers' logs
     for row in _rows(batch):
         sources = _sources(row)
         sops = tuple(str(s) for s in row["sop"])
@@ -217,6 +220,9 @@ class _SparseSeries:
     """Ray actor: the model, loaded once; runs a series' sparse sampling search, decoding inside."""
 
     def __init__(self, model: str, backend: str, backend_options: BackendOptions, spec: PreprocessSpec, max_bytes: int, chunk: int, sampling: SamplingOptions) -> None:
+        from spinelevel.engine import thirdparty_log
+
+        thirdparty_log.install()  # header values stay out of the Ray workers' logs
         self.backend = _load(model, backend, backend_options)
         self.k = len(self.backend.card.classes)
         self.spec, self.max_bytes, self.chunk, self.sampling = spec, max_bytes, chunk, sampling
@@ -433,7 +439,11 @@ def run_on_ray(paths: list[Path], model: Path, out: Path, options: RunOptions = 
 
 
 def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, ray_options: RayOptions, progress: RunProgress, card: ModelCard, choice: Any, backend_options: BackendOptions, model_sha: str, mode: str, run_id: str, started: float, started_at: str) -> RunSummary:
+    from spinelevel.engine import thirdparty_log
+
     # Everything up to the plans mirrors pipeline._run_locked, so both paths write the same rows.
+    thirdparty_log.install()
+    records_before = thirdparty_log.record_count()
     state = load_state(out)
     writer = RunWriter(state, card.classes, run_id, model_sha, choice.name, rows_per_part=options.rows_per_part, keep_tags=options.scan.keep_tags)
     if options.force:
@@ -489,7 +499,8 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
         raise
     finally:
         seconds = time.perf_counter() - started
-        manifest_run.update(status=status, finished=now(), seconds=round(seconds, 3), counts=dict(writer.counts, series_already_done=already_done))
+        # the driver's own count (the scan); Ray workers' records stay in their logs, values dropped
+        manifest_run.update(status=status, finished=now(), seconds=round(seconds, 3), counts=dict(writer.counts, series_already_done=already_done), third_party_log_records=thirdparty_log.record_count() - records_before)
         try:
             write_json_atomic(out / "run.json", manifest)
         except OSError as exc:

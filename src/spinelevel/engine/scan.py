@@ -439,6 +439,10 @@ def _headers_from_dataset(src: Source, ds, forced: bool, keep: tuple[str, ...] =
     series_uid = _text(ds, "SeriesInstanceUID")
     study_uid = _text(ds, "StudyInstanceUID")
     if forced and not (sop_uid and (sop_class or series_uid)):
+        # A forced parse "succeeds" on many non-DICOM files; only an image header with no identity
+        # (e.g. ACR-NEMA 2.0, which predates UIDs) is named as such.
+        if not sop_uid and all(kw in ds for kw in ("Rows", "Columns")) and ("Modality" in ds or "ImagePositionPatient" in ds):
+            return [SkippedFile(src, missing_identity(ds) + "; an ACR-NEMA or pre-DICOM export? (no file meta, no UIDs)")]
         return [SkippedFile(src, "not a DICOM file")]
     if not sop_uid:
         return [SkippedFile(src, missing_identity(ds))]

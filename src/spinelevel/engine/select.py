@@ -231,6 +231,14 @@ def _series_kind_problem(files: list[FileHeader]) -> str:
     return ""
 
 
+def _plane(normal: np.ndarray, deviation: float) -> str:
+    """What a non-axial slice normal means, in words."""
+    ax = int(np.argmax(np.abs(normal)))
+    if deviation > 75:
+        return f"{'sagittal' if ax == 0 else 'coronal'} slices (normal {deviation:.0f} degrees from the patient z axis)"
+    return f"slice normal is {deviation:.0f} degrees from the patient z axis (a tilted gantry or an oblique reconstruction)"
+
+
 def _geometry_key(f: FileHeader) -> tuple:
     assert f.orientation is not None and f.pixel_spacing is not None
     return (
@@ -313,11 +321,7 @@ def _select_one(files: list[FileHeader], options: SelectOptions) -> tuple[Series
     normal /= np.linalg.norm(normal)
     deviation = math.degrees(math.acos(min(1.0, abs(float(normal[2])))))
     if deviation > options.max_axial_deviation_deg:
-        return skip_all(
-            f"not axial: slice normal is {deviation:.0f} degrees from the patient z axis "
-            f"(limit {options.max_axial_deviation_deg:g}); sagittal, coronal or oblique reconstruction",
-            kept,
-        )
+        return skip_all(f"not axial: {_plane(normal, deviation)} (limit {options.max_axial_deviation_deg:g} degrees)", kept)
     if deviation > options.tilt_tolerance_deg:
         flags.add("oblique")
 

@@ -75,6 +75,9 @@ class Prepared:
     failures: tuple[tuple[int, str], ...]
     # preprocess='dali': one PackedSlice per index (``array`` is then empty).
     packed: tuple = ()
+    # Log records of the DICOM libraries in the worker process while it ran this task (values
+    # dropped, see thirdparty_log); 0 when the task ran in the main process, which counts its own.
+    thirdparty_records: int = 0
 
 
 def _empty(spec: PreprocessSpec) -> np.ndarray:
@@ -88,9 +91,13 @@ def prepare(task: DecodeTask) -> Prepared:
     packed: list = []
     failures: list[tuple[int, str]] = []
     crash_sop = os.environ.get(CRASH_SOP_ENV)
+    from spinelevel.engine import thirdparty_log
+
+    in_child = multiprocessing.parent_process() is not None
+    records_before = thirdparty_log.record_count()
     frames = task.frames or (None,) * len(task.indices)
     for index, src, sop, frame in zip(task.indices, task.sources, task.sop_uids, frames):
-        if crash_sop and sop == crash_sop and multiprocessing.parent_process() is not None:
+        if crash_sop and sop == crash_sop and in_child:
             os._exit(70)
         try:
             if task.preprocess == "dali":
@@ -113,7 +120,8 @@ def prepare(task: DecodeTask) -> Prepared:
         except Exception as exc:  # a decoder surprise must not take the series down
             failures.append((index, f"unexpected error while decoding ({type(exc).__name__}: {exc})"))
     array = np.stack(arrays) if arrays else _empty(task.spec)
-    return Prepared(task.key, tuple(ok), array, tuple(failures), tuple(packed))
+    records = thirdparty_log.record_count() - records_before if in_child else 0
+    return Prepared(task.key, tuple(ok), array, tuple(failures), tuple(packed), records)
 
 
 def _warm_up() -> int:
@@ -137,9 +145,14 @@ def _one_opencv_thread() -> None:
 
 
 def _init_worker() -> None:
+    from spinelevel.engine import thirdparty_log
+
     # Ctrl-C reaches the whole process group: the parent decides how to stop, not the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _one_opencv_thread()
+    # pydicom's warnings quote header values; a spawned worker has no logging set up, so logging's
+    # last-resort handler would print them to stderr
+    thirdparty_log.install()
     # A parent killed with SIGKILL cannot shut the pool down: let the kernel end the workers too
     # (Linux prctl PR_SET_PDEATHSIG), so no orphan holds files, pipes or memory.
     if sys.platform.startswith("linux"):
