@@ -37,6 +37,8 @@ from spinelevel import __version__
 from spinelevel.engine.sources import Source, read_source
 from spinelevel.engine.state import OutputLock, fsync_dir
 from spinelevel.errors import DecodeError, OutputError
+from spinelevel.report.rundata import EXTRACT_MANIFEST as MANIFEST_NAME
+from spinelevel.report.rundata import EXTRACTED_RECORD
 from spinelevel.extract.plan import DOUBT_FLAGS, PICK_DEFINITION, ExtractOptions, Pick, RunPlan, SeriesPlan, Skip, kos_title_code, plan_extraction
 
 __all__ = [
@@ -48,15 +50,11 @@ __all__ = [
     "MANIFEST_NAME",
     "SKIPPED_NAME",
     "EXTRACTED_RECORD",
-    "read_extractions",
 ]
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.parquet"
 SKIPPED_NAME = "skipped.parquet"
-# Written into the run directory: the extract folders made from it (the review report links them).
-EXTRACTED_RECORD = "extracted.json"
 _META_KEY = b"spinelevel.extract"
 
 
@@ -496,31 +494,6 @@ def _record_in_run(run_dir: Path, out: Path) -> None:
             tmp.unlink()
         except OSError:
             pass
-
-
-def read_extractions(run_dir: Path, extra: tuple[Path, ...] = ()) -> dict[str, list[dict[str, Any]]]:
-    """series_uid -> its picks (``level``, absolute ``png``, ``file``, ``kos`` paths) in the extract
-    folders recorded in RUN_DIR/extracted.json and in ``extra``; files that no longer exist are left out."""
-    import pyarrow.parquet as pq
-
-    dirs = [Path(d) for d in extra]
-    try:
-        dirs += [Path(d) for d in json.loads((Path(run_dir) / EXTRACTED_RECORD).read_text(encoding="utf-8")).get("dirs", [])]
-    except (OSError, ValueError, AttributeError):
-        pass
-    out: dict[str, list[dict[str, Any]]] = {}
-    for d in dict.fromkeys(p.resolve() for p in dirs):
-        try:
-            table = pq.read_table(d / MANIFEST_NAME, columns=["series_uid", "level", "offset", "file", "png", "kos"])
-        except Exception:
-            continue
-        for r in table.to_pylist():
-            if r["offset"] != 0 or not r["png"] or not (d / r["png"]).is_file():
-                continue
-            out.setdefault(r["series_uid"], []).append(
-                {"level": r["level"], "png": str(d / r["png"]), "file": str(d / r["file"]), "kos": str(d / r["kos"]) if r["kos"] else None}
-            )
-    return out
 
 
 def extract_run(run_dir: Path, out: Path, options: ExtractOptions = ExtractOptions(), progress: ExtractProgress | None = None) -> ExtractSummary:
