@@ -458,3 +458,32 @@ def test_multiframe_source_is_copied_whole_and_the_frame_named(tmp_path: Path, f
     assert kos.ContentDate == "20240101"
     if shutil.which("dciodvfy"):
         assert _dciodvfy_errors(out / rows[0]["kos"]) == []
+
+
+def test_review_page_links_open_the_previews_in_chromium(tmp_path: Path, series_dir: Path, model_path: Path) -> None:
+    from urllib.parse import unquote, urlparse
+
+    from browser.reportcase import chromium_path, launch_chromium
+
+    chromium = chromium_path()
+    if chromium is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium); the browser tests need it")
+    from playwright.sync_api import sync_playwright
+
+    out, x = tmp_path / "run", tmp_path / "x"
+    assert runner.invoke(app, ["run", str(series_dir), "-m", str(model_path), "-o", str(out), "--workers", "0", "--extract", str(x), "--qc", "-q"]).exit_code == 0
+    with sync_playwright() as p:
+        context = launch_chromium(p, chromium, tmp_path / "profile")
+        try:
+            page = context.new_page()
+            page.goto((out / "report" / "index.html").as_uri())
+            page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+            links = page.eval_on_selector_all("a.extracted", "as => as.map(a => ({uid: a.closest('tr').dataset.uid, level: a.textContent, href: a.href}))")
+            assert sorted(link["uid"] for link in links) == sorted(r["series_uid"] for r in pq.read_table(x / "manifest.parquet").to_pylist())
+            for link in links:
+                assert link["level"] == "L3"
+                target = Path(unquote(urlparse(link["href"]).path))
+                assert target.is_file() and target.suffix == ".png" and x.resolve() in target.parents
+            page.goto(links[0]["href"])  # the picture opens from the page's link
+        finally:
+            context.close()
