@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
 import subprocess
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -149,23 +149,36 @@ def test_kos_is_valid_and_references_the_picks(tmp_path: Path, series_dir: Path,
     assert kos.SeriesInstanceUID != uid and kos.Manufacturer == "spinelevel"
 
 
-def test_zip_members_are_copied_byte_for_byte(tmp_path: Path, series_dir: Path, model_path: Path) -> None:
-    archive = tmp_path / "export.zip"
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
-        for p in sorted(series_dir.rglob("*")):
-            if p.is_file():
+def _member_bytes(archive: Path, member: str) -> bytes:
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            return zf.read(member)
+    with tarfile.open(archive) as tf:
+        return tf.extractfile(member).read()
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_archive_members_are_copied_byte_for_byte(tmp_path: Path, series_dir: Path, model_path: Path, kind: str) -> None:
+    archive = tmp_path / f"export.{kind}"
+    files = [p for p in sorted(series_dir.rglob("*")) if p.is_file()]
+    if kind == "zip":
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+            for p in files:
                 zf.write(p, f"DICOM/{p.relative_to(series_dir)}")
+    else:
+        with tarfile.open(archive, "w:gz") as tf:
+            for p in files:
+                tf.add(p, f"DICOM/{p.relative_to(series_dir)}")
     run = tmp_path / "run"
     _run([archive], model_path, run)
     out = tmp_path / "x"
     _extract(run, out, "--neighbours", "1")
     rows = pq.read_table(out / "manifest.parquet").to_pylist()
     assert len(rows) == 6 and [r["offset"] for r in rows[:3]] == [-1, 0, 1]
-    with zipfile.ZipFile(archive) as zf:
-        for r in rows:
-            path, _, member = r["source"].partition("::")
-            assert path == str(archive) and member.startswith("DICOM/")
-            assert (out / r["file"]).read_bytes() == zf.read(member)
+    for r in rows:
+        path, _, member = r["source"].partition("::")
+        assert path == str(archive) and member.startswith("DICOM/")
+        assert (out / r["file"]).read_bytes() == _member_bytes(archive, member)
     assert sum(1 for r in rows if r["png"]) == 2
 
 
@@ -350,6 +363,11 @@ def test_run_with_extract_does_it_at_the_end(tmp_path: Path, series_dir: Path, m
     bad = runner.invoke(app, ["run", str(series_dir), "-m", str(model_path), "-o", str(tmp_path / "r2"), "--extract", str(tmp_path / "y"), "--extract-levels", "L7"])
     assert bad.exit_code == 1 and "--extract-levels" in bad.output
     assert not (tmp_path / "r2").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    bad = runner.invoke(app, ["run", str(series_dir), "-m", str(model_path), "-o", str(tmp_path / "r3"), "--extract", str(blocker / "x")])
+    assert bad.exit_code == 1 and "cannot create the extract folder" in bad.output
+    assert not (tmp_path / "r3").exists()
 
 
 def test_review_report_links_the_extracted_pictures(tmp_path: Path, series_dir: Path, model_path: Path) -> None:

@@ -159,6 +159,10 @@ def run(
 
                 raise InputError(f"--extract-levels {extract_levels!r}: give classes such as L3 or L3,L1 (known: {', '.join(CLASSES)})")
         extract_options = ExtractOptions(levels=levels, neighbours=extract_neighbours)
+        from spinelevel.extract import prepare_extract_dir
+
+        with fail_cleanly():
+            prepare_extract_dir(extract)  # an unwritable --extract folder stops the run before it starts
     with fail_cleanly(), terminate_as_interrupt(), _RichProgress(show) as progress:
         if ray is not None:
             from spinelevel.engine.ray_runner import RayOptions, run_on_ray

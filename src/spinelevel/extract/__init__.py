@@ -7,7 +7,7 @@ document per series that references the picks, a PNG preview per pick and ``DIR/
 highdicom, ``preview.py`` draws the pictures and ``core.py`` writes it all atomically.
 """
 
-from spinelevel.extract.core import EXTRACTED_RECORD, MANIFEST_NAME, SKIPPED_NAME, ExtractProgress, ExtractSummary, extract_run, manifest_schema, skipped_schema
+from spinelevel.extract.core import EXTRACTED_RECORD, MANIFEST_NAME, SKIPPED_NAME, ExtractProgress, ExtractSummary, extract_run, manifest_schema, prepare_extract_dir, skipped_schema
 from spinelevel.extract.plan import DOUBT_FLAGS, PICK_DEFINITION, ExtractOptions, Skip
 
 __all__ = [
@@ -22,5 +22,6 @@ __all__ = [
     "Skip",
     "extract_run",
     "manifest_schema",
+    "prepare_extract_dir",
     "skipped_schema",
 ]

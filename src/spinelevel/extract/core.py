@@ -45,6 +45,7 @@ __all__ = [
     "ExtractProgress",
     "ExtractSummary",
     "extract_run",
+    "prepare_extract_dir",
     "manifest_schema",
     "skipped_schema",
     "MANIFEST_NAME",
@@ -217,7 +218,12 @@ def _write_table(table, path: Path) -> None:  # noqa: ANN001
             pass
 
 
-def _prepare_out(out: Path) -> None:
+def prepare_extract_dir(out: Path) -> None:
+    """Create the extract folder and check that it is writable (``run --extract`` does it before the run).
+
+    Raises:
+        OutputError: it cannot be created or written.
+    """
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -515,11 +521,12 @@ def extract_run(run_dir: Path, out: Path, options: ExtractOptions = ExtractOptio
     progress = progress or _NoProgress()
     run_dir, out = Path(run_dir), Path(out)
     rp = plan_extraction(run_dir, options)
-    _prepare_out(out)
+    prepare_extract_dir(out)
     skips: list[Skip] = list(rp.skips)
     counts = _Counts()
     rows: list[dict[str, Any]] = []
     with OutputLock(out):
+        _clean_stale(out)  # a manifest a killed extract was writing
         old = _owned_by_old_manifest(out)
         progress.planned(len(rp.series))
         for plan in rp.series:
