@@ -505,3 +505,24 @@ def test_review_page_links_open_the_previews_in_chromium(tmp_path: Path, series_
             page.goto(links[0]["href"])  # the picture opens from the page's link
         finally:
             context.close()
+
+
+def test_odd_identity_values_still_give_a_kos_and_never_reach_the_logs(tmp_path: Path, model_path: Path, caplog: pytest.LogCaptureFixture, recwarn: pytest.WarningsRecorder) -> None:
+    src = tmp_path / "in"
+    study = "1.2.826.0.1.3680043.8.498.66"
+    paths = write_series(src, SeriesSpec(levels=LEVELS_30, study_uid=study, series_uid=study + ".1", seed=5, patient_name="SMITHERS"))
+    for path in paths:  # values archives really hold, which highdicom refuses or warns about, quoting them
+        ds = pydicom.dcmread(path)
+        ds.PatientSex, ds.PatientBirthDate, ds.StudyDate = "female", "1940", "2020"
+        ds.save_as(path)
+    run = tmp_path / "run"
+    _run([src], model_path, run)
+    out = tmp_path / "x"
+    caplog.set_level("DEBUG")
+    result = _extract(run, out, "-v")
+    kos = pydicom.dcmread(next(out.rglob("kos.dcm")))
+    assert str(kos.PatientName) == "SMITHERS" and kos.PatientSex == "" and kos.PatientBirthDate == "" and kos.StudyDate == ""
+    logged = caplog.text + result.output + " ".join(str(w.message) for w in recwarn)
+    assert "SMITHERS" not in logged and "PID-123456" not in logged
+    if shutil.which("dciodvfy"):
+        assert _dciodvfy_errors(next(out.rglob("kos.dcm"))) == []

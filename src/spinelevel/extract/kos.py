@@ -20,6 +20,8 @@ the run that classified the series, so extracting again writes the same bytes.
 from __future__ import annotations
 
 import io
+import logging
+import warnings
 from dataclasses import dataclass
 
 __all__ = ["KosPick", "PATIENT_STUDY_KEYWORDS", "build_kos", "kos_uids"]
@@ -64,6 +66,23 @@ def kos_uids(series_uid: str, picks: list[KosPick], model_sha256: str | None) ->
     return generate_uid(entropy_srcs=["spinelevel-kos-series", series_uid]), generate_uid(entropy_srcs=["spinelevel-kos", *key])
 
 
+def _usable(keyword: str, value):  # noqa: ANN001, ANN202
+    """The source's value, or empty (type 2) where highdicom would refuse it: archives hold
+    ``PatientSex = "female"`` and four-digit birth dates, and a KOS must still be written."""
+    if value is None:
+        return ""
+    if keyword == "PatientSex":
+        return value if str(value) in ("M", "F", "O") else ""
+    if keyword in ("PatientBirthDate", "StudyDate", "StudyTime"):
+        from pydicom.valuerep import DA, TM
+
+        try:
+            (TM if keyword == "StudyTime" else DA)(value)
+        except (TypeError, ValueError):
+            return ""
+    return value
+
+
 def _evidence(source, pick: KosPick, study_uid: str, with_patient: bool):  # noqa: ANN001, ANN202
     """A minimal dataset standing for a referenced instance (highdicom reads the patient from the first)."""
     from pydicom.dataset import Dataset
@@ -80,8 +99,7 @@ def _evidence(source, pick: KosPick, study_uid: str, with_patient: bool):  # noq
         for kw in PATIENT_STUDY_KEYWORDS:
             if kw == "StudyInstanceUID":
                 continue
-            value = source.get(kw, None)
-            setattr(ev, kw, "" if value is None else value)
+            setattr(ev, kw, _usable(kw, source.get(kw, None)))
         if "SpecificCharacterSet" in source:
             ev.SpecificCharacterSet = source.SpecificCharacterSet
     return ev
@@ -111,6 +129,20 @@ def build_kos(
         content_datetime: ``YYYYMMDDTHHMMSSZ`` (UTC): content, series and creation date/time.
         version: spinelevel's version (SoftwareVersions, device model name).
     """
+    # highdicom warns (warnings and its logger) about odd person names, quoting them: patient
+    # identity must not reach the logs.
+    hd_log = logging.getLogger("highdicom")
+    was_disabled = hd_log.disabled
+    hd_log.disabled = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _build(source, study_uid, series_uid, picks, title_code, description, model_sha256, content_datetime, version)
+    finally:
+        hd_log.disabled = was_disabled
+
+
+def _build(source, study_uid: str, series_uid: str, picks: list[KosPick], title_code, description: str, model_sha256: str | None, content_datetime: str, version: str) -> bytes:  # noqa: ANN001
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
