@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 import pydicom
 import pytest
@@ -526,3 +527,22 @@ def test_odd_identity_values_still_give_a_kos_and_never_reach_the_logs(tmp_path:
     assert "SMITHERS" not in logged and "PID-123456" not in logged
     if shutil.which("dciodvfy"):
         assert _dciodvfy_errors(next(out.rglob("kos.dcm"))) == []
+
+
+def test_slices_parts_with_and_without_the_frame_column(tmp_path: Path, folder_run: Path) -> None:
+    """A run resumed across versions: older parts have no frame column, newer ones do."""
+    run = tmp_path / "run"
+    shutil.copytree(folder_run, run)
+    table = pq.read_table(run / "slices")
+    for part in (run / "slices").glob("*.parquet"):
+        part.unlink()
+    a, b = sorted(set(table.column("series_uid").to_pylist()))
+    old = table.filter(pa.compute.equal(table["series_uid"], a))
+    new = table.filter(pa.compute.equal(table["series_uid"], b))
+    new = new.append_column(pa.field("frame", pa.int32()), pa.array([1] * new.num_rows, pa.int32()))  # frame 1 of a one-frame file
+    pq.write_table(old, run / "slices" / "part-20240101T000000Z-aaaaaa-00000.parquet")
+    pq.write_table(new, run / "slices" / "part-20240102T000000Z-bbbbbb-00000.parquet")
+    out = tmp_path / "x"
+    _extract(run, out)
+    frames = {r["series_uid"]: r["frame"] for r in pq.read_table(out / "manifest.parquet").to_pylist()}
+    assert frames == {a: None, b: 1}
