@@ -28,6 +28,7 @@ def _register() -> None:
     from spinelevel.cli import bench as _bench  # noqa: F401
     from spinelevel.cli import card as _card  # noqa: F401
     from spinelevel.cli import report as _report  # noqa: F401
+    from spinelevel.cli import extract as _extract  # noqa: F401
 
 
 _register()

@@ -53,6 +53,7 @@ def report(
     workers: Annotated[int | None, typer.Option("--workers", min=0, help="Processes drawing series (default: number of cores, at most 8; 0 draws in this process).")] = None,
     max_series: Annotated[int | None, typer.Option("--max-series", min=0, help="Draw pictures for at most N classified series, flagged series first (all are listed).")] = None,
     slab_mm: Annotated[float, typer.Option("--slab-mm", min=0.0, help="Thickness of the maximum-intensity slab of the sagittal and coronal views, mm.")] = 10.0,
+    extracted: Annotated[list[Path] | None, typer.Option("--extracted", help="Folder of 'spinelevel extract' whose pick previews the page links (extracts recorded in RUN_DIR/extracted.json are linked anyway); repeatable.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
@@ -72,6 +73,7 @@ def report(
         workers=min(8, os.cpu_count() or 1) if workers is None else workers,
         max_series=max_series,
         volume=VolumeOptions(slab_mm=slab_mm),
+        extracted=tuple(extracted or ()),
     )
     show = not quiet and stderr.is_terminal
     with fail_cleanly(), terminate_as_interrupt(), ReportProgressBar(show) as progress:

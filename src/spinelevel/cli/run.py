@@ -114,6 +114,9 @@ def run(
     decode_workers: Annotated[int | None, typer.Option("--decode-workers", min=1, help="--ray: most decode/preprocess tasks at once.")] = None,
     inference_workers: Annotated[int | None, typer.Option("--inference-workers", min=1, help="--ray: inference actors (default: GPUs / --gpus-per-worker, or CPUs / 4).")] = None,
     qc: Annotated[bool, typer.Option("--qc", help="After the run, write a review report (sagittal/coronal/L3 pictures per series, index.html) into OUT/report.")] = False,
+    extract: Annotated[Path | None, typer.Option("--extract", help="After the run, copy the level picks into this folder with a KOS per series, previews and manifest.parquet (as 'spinelevel extract').", show_default=False)] = None,
+    extract_levels: Annotated[str, typer.Option("--extract-levels", help="--extract: levels to extract, comma-separated (as extract --levels).")] = "L3",
+    extract_neighbours: Annotated[int, typer.Option("--extract-neighbours", min=0, help="--extract: slices copied on each side of every pick (as extract --neighbours).")] = 0,
     rows_per_part: Annotated[int, typer.Option("--rows-per-part", min=1, help="Slice rows per Parquet part; results are committed at least this often.")] = 100_000,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
@@ -142,6 +145,24 @@ def run(
         sampling=SamplingOptions(mode=sampling.value, stride_mm=stride_mm, min_confidence=min_confidence),
     )
     show = not quiet and stderr.is_terminal
+    extract_options = None
+    if extract is not None:
+        from spinelevel.cli.extract import parse_levels
+        from spinelevel.extract import ExtractOptions
+        from spinelevel.levels import CLASSES
+
+        levels = parse_levels(extract_levels)
+        unknown = [lv for lv in levels if lv not in CLASSES]
+        if not levels or unknown:
+            with fail_cleanly():
+                from spinelevel.errors import InputError
+
+                raise InputError(f"--extract-levels {extract_levels!r}: give classes such as L3 or L3,L1 (known: {', '.join(CLASSES)})")
+        extract_options = ExtractOptions(levels=levels, neighbours=extract_neighbours)
+        from spinelevel.extract import prepare_extract_dir
+
+        with fail_cleanly():
+            prepare_extract_dir(extract)  # an unwritable --extract folder stops the run before it starts
     with fail_cleanly(), terminate_as_interrupt(), _RichProgress(show) as progress:
         if ray is not None:
             from spinelevel.engine.ray_runner import RayOptions, run_on_ray
@@ -155,6 +176,14 @@ def run(
             summary = run_on_ray(paths, model, out, options, ray_options, progress)
         else:
             summary = run_pipeline(paths, model, out, options, progress)
+    if extract_options is not None:
+        from spinelevel.cli.extract import ExtractProgressBar, print_extract_summary
+        from spinelevel.extract import extract_run
+
+        with fail_cleanly(), terminate_as_interrupt(), ExtractProgressBar(show) as bar:
+            extracted = extract_run(out, extract, extract_options, bar)
+        if not quiet:
+            print_extract_summary(extracted)
     if qc:
         from spinelevel.cli.report import ReportProgressBar
         from spinelevel.report.build import ReportOptions, build_report

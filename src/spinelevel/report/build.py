@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from spinelevel.errors import InputError, OutputError, SpineLevelError
-from spinelevel.report.rundata import RunData, SeriesSlices, read_evaluation, read_run
+from spinelevel.report.rundata import RunData, SeriesSlices, read_evaluation, read_extractions, read_run
 from spinelevel.report.volume import VolumeOptions
 
 __all__ = ["ReportOptions", "ReportProgress", "ReportSummary", "build_report", "draw_series", "safe_name", "EVALUATION_DIR"]
@@ -67,6 +67,9 @@ class ReportOptions:
     axial_height: int = 384
     # Write 8-bit palette PNGs (the class colours exact, 220+ greys): about 5x smaller than RGB.
     palette_png: bool = True
+    # Folders of 'spinelevel extract' whose pick previews the page links, besides those recorded in
+    # RUN_DIR/extracted.json.
+    extracted: tuple[Path, ...] = ()
 
 
 class ReportProgress(Protocol):
@@ -253,6 +256,15 @@ def _to_draw(rows: list[dict[str, Any]], max_series: int | None) -> list[dict[st
     return ok[: max(0, max_series)]
 
 
+def _link_extracted(run_dir: Path, out: Path, rows: list[dict[str, Any]], extra: tuple[Path, ...]) -> None:
+    """Give each series row the previews of its extracted picks, as links relative to the report."""
+    picks = read_extractions(run_dir, extra)
+    for row in rows:
+        found = picks.get(row["series_uid"])
+        if found:
+            row["extracted"] = [{"level": p["level"], "png": os.path.relpath(p["png"], out.resolve())} for p in found]
+
+
 def _prepare_out(out: Path) -> None:
     try:
         (out / "full").mkdir(parents=True, exist_ok=True)
@@ -359,6 +371,7 @@ def build_report(run_dir: Path, out: Path | None = None, options: ReportOptions 
         by_uid[uid].update(images="unavailable", images_reason="no slices of this series in the run's slices dataset")
         unavailable += 1
         progress.advanced(1)
+    _link_extracted(run_dir, out, rows, options.extracted)
     if per_series_eval:
         for r in rows:
             ev = per_series_eval.get(r["series_uid"])

@@ -253,7 +253,8 @@ summary { cursor: pointer; font-weight: 600; }
   function rowHtml(r) {
     let h = "<tr data-uid=\"" + esc(r.series_uid) + '" data-status="' + esc(r.status) + '" data-flags="' + esc(r.flags.join(" ")) + '">';
     h += imgCell(r, "sag") + imgCell(r, "cor") + imgCell(r, "ax");
-    h += '<td class="uid">' + esc(r.series_uid) + '<br><span class="mute">study ' + esc(r.study_uid) + "</span></td>";
+    h += '<td class="uid">' + esc(r.series_uid) + '<br><span class="mute">study ' + esc(r.study_uid) + "</span>" +
+      (r.extracted && r.extracted.length ? '<br><span class="mute">extracted:</span> ' + r.extracted.map((x) => '<a class="extracted" href="' + esc(x.png) + '" target="_blank" rel="noopener">' + esc(x.level) + "</a>").join(" ") : "") + "</td>";
     h += '<td class="st-' + esc(r.status) + '">' + esc(r.status) + (r.reason ? '<br><span class="mute">' + esc(r.reason) + "</span>" : "") + "</td>";
     h += "<td>" + esc(r.n_slices) + (r.slice_thickness_mm ? '<br><span class="mute">' + fmt(r.slice_thickness_mm, 2) + " mm</span>" : "") + "</td>";
     h += "<td>" + esc(r.l3_index) + (r.l3_first_index != null ? '<br><span class="mute">' + esc(r.l3_first_index) + "\u2013" + esc(r.l3_last_index) + "</span>" : "") + "</td>";

@@ -22,9 +22,14 @@ import numpy as np
 from spinelevel.errors import InputError
 from spinelevel.levels import CLASSES
 
-__all__ = ["SeriesSlices", "RunData", "read_run", "read_evaluation", "SLICE_COLUMNS"]
+__all__ = ["SeriesSlices", "RunData", "read_run", "read_evaluation", "read_extractions", "SLICE_COLUMNS", "EXTRACTED_RECORD", "EXTRACT_MANIFEST"]
 
 log = logging.getLogger(__name__)
+
+# In a run directory: the folders 'spinelevel extract' made from it ({"dirs": [...]}).
+EXTRACTED_RECORD = "extracted.json"
+# In an extract folder: one row per copied instance.
+EXTRACT_MANIFEST = "manifest.parquet"
 
 # Columns of DIR/slices that the pictures use (DESIGN 3.2).
 SLICE_COLUMNS = ("series_uid", "source", "frame", "slice_index", "z_mm", "level", "level_argmax", "evaluated")
@@ -213,3 +218,28 @@ def read_evaluation(eval_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str,
         except (OSError, csv.Error) as exc:
             log.warning("%s: unreadable (%s); per-series evaluation left out", csv_path, exc)
     return metrics, per_series
+
+
+def read_extractions(run_dir: Path, extra: tuple[Path, ...] = ()) -> dict[str, list[dict[str, Any]]]:
+    """series_uid -> its picks (``level``, absolute ``png``, ``file``, ``kos`` paths) in the extract
+    folders recorded in RUN_DIR/extracted.json and in ``extra``; files that no longer exist are left out."""
+    import pyarrow.parquet as pq
+
+    dirs = [Path(d) for d in extra]
+    try:
+        dirs += [Path(d) for d in json.loads((Path(run_dir) / EXTRACTED_RECORD).read_text(encoding="utf-8")).get("dirs", [])]
+    except (OSError, ValueError, AttributeError):
+        pass
+    out: dict[str, list[dict[str, Any]]] = {}
+    for d in dict.fromkeys(p.resolve() for p in dirs):
+        try:
+            table = pq.read_table(d / EXTRACT_MANIFEST, columns=["series_uid", "level", "offset", "file", "png", "kos"])
+        except Exception:
+            continue
+        for r in table.to_pylist():
+            if r["offset"] != 0 or not r["png"] or not (d / r["png"]).is_file():
+                continue
+            out.setdefault(r["series_uid"], []).append(
+                {"level": r["level"], "png": str(d / r["png"]), "file": str(d / r["file"]), "kos": str(d / r["kos"]) if r["kos"] else None}
+            )
+    return out

@@ -40,7 +40,7 @@ from spinelevel.engine.frames import frame_value
 from spinelevel.engine.sources import Source
 from spinelevel.errors import DecodeError
 
-__all__ = ["VolumeOptions", "SeriesViews", "parse_label", "positions", "source_for_label", "read_slice", "read_views", "pick_planes"]
+__all__ = ["VolumeOptions", "SeriesViews", "canonical_axial", "parse_label", "positions", "source_for_label", "read_slice", "read_views", "pick_planes"]
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,12 @@ def _orientation(ds, frame: int | None = None) -> np.ndarray:  # noqa: ANN001
     except (AttributeError, TypeError, ValueError):
         pass
     return np.asarray([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+
+
+def canonical_axial(hu: np.ndarray, spacing: tuple[float, float], iop: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+    """An axial slice turned to the standard view (columns patient right -> left, rows anterior ->
+    posterior), and its (row mm, column mm) spacing; ``iop`` is ImageOrientationPatient (6 values)."""
+    return _canonical(hu, spacing, np.asarray(iop, dtype=np.float64))
 
 
 def _canonical(hu: np.ndarray, spacing: tuple[float, float], iop: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
