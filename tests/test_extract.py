@@ -439,7 +439,7 @@ def test_multiframe_source_is_copied_whole_and_the_frame_named(tmp_path: Path, f
         (run / name).mkdir(parents=True)
     classes = ("T", "L1", "L2", "L3", "L4", "L5", "S")
     levels = LEVELS_END
-    schema = slices_schema(classes).append(pa.field("frame", pa.int32()))
+    schema = slices_schema(classes)
     cols = {f.name: [None] * n for f in schema}
     cols.update(
         study_uid=[ds.StudyInstanceUID] * n, series_uid=[ds.SeriesInstanceUID] * n, sop_uid=[ds.SOPInstanceUID] * n,
@@ -537,12 +537,36 @@ def test_slices_parts_with_and_without_the_frame_column(tmp_path: Path, folder_r
     for part in (run / "slices").glob("*.parquet"):
         part.unlink()
     a, b = sorted(set(table.column("series_uid").to_pylist()))
-    old = table.filter(pa.compute.equal(table["series_uid"], a))
+    # an older part: written before the frame column existed
+    old = table.filter(pa.compute.equal(table["series_uid"], a)).drop_columns(["frame"])
     new = table.filter(pa.compute.equal(table["series_uid"], b))
-    new = new.append_column(pa.field("frame", pa.int32()), pa.array([1] * new.num_rows, pa.int32()))  # frame 1 of a one-frame file
+    new = new.set_column(new.schema.get_field_index("frame"), pa.field("frame", pa.int32()), pa.array([1] * new.num_rows, pa.int32()))  # frame 1 of a one-frame file
     pq.write_table(old, run / "slices" / "part-20240101T000000Z-aaaaaa-00000.parquet")
     pq.write_table(new, run / "slices" / "part-20240102T000000Z-bbbbbb-00000.parquet")
     out = tmp_path / "x"
     _extract(run, out)
     frames = {r["series_uid"]: r["frame"] for r in pq.read_table(out / "manifest.parquet").to_pylist()}
     assert frames == {a: None, b: 1}
+
+
+def test_extract_after_a_run_over_multiframe_ct(tmp_path: Path, model_path: Path) -> None:
+    """End to end: the engine classifies the frames of a Legacy Converted Enhanced CT file, and the
+    extract copies that whole file for the pick and names the pick's frame (manifest and KOS)."""
+    from spinelevel.engine.pipeline import RunOptions, run
+
+    from test_real_archives import _legacy_converted
+
+    single = write_series(tmp_path / "single", SeriesSpec(levels=LEVELS_30, seed=70), nested=False)
+    mf = _legacy_converted(single, tmp_path / "in" / "legacy.dcm")
+    run_dir = tmp_path / "run"
+    run([mf.parent], model_path, run_dir, RunOptions(workers=0))
+    (series,) = pq.read_table(run_dir / "series").to_pylist()
+    assert series["l3_frame"] is not None
+    out = tmp_path / "x"
+    _extract(run_dir, out)
+    (row,) = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert row["frame"] == series["l3_frame"] and row["sop_uid"] == series["l3_sop_uid"]
+    assert (out / row["file"]).read_bytes() == mf.read_bytes()
+    kos = pydicom.dcmread(out / row["kos"])
+    (image,) = [i for i in kos.ContentSequence if i.ValueType == "IMAGE"]
+    assert int(image.ReferencedSOPSequence[0].ReferencedFrameNumber) == series["l3_frame"]

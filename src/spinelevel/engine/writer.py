@@ -34,6 +34,7 @@ __all__ = [
     "SKIPPED_SCHEMA",
     "DATASETS",
     "write_json_atomic",
+    "read_output_dataset",
 ]
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,23 @@ class SeriesResult:
     kept: tuple[tuple[str, str], ...] = ()
     # Per slice: 1-based frame of a multi-frame file, None for single-frame files; () = all None.
     frames: tuple[int | None, ...] = ()
+
+
+def read_output_dataset(path: Path):  # noqa: ANN201 - pyarrow.dataset.Dataset
+    """One dataset of an output directory (e.g. ``OUT/slices``) for reading.
+
+    Parts written before a column existed (``slices/frame``, ``series/l3_frame``) lack it: the dataset
+    is read under the union of its parts' schemas, so the column reads as null there instead of
+    vanishing from the whole dataset (which is what a plain ``pyarrow.parquet.read_table`` does
+    when the oldest part comes first).
+    """
+    import pyarrow.dataset as pads
+
+    dataset = pads.dataset(str(path), format="parquet")
+    schemas = [frag.physical_schema for frag in dataset.get_fragments()]
+    if len({tuple(sch.names) for sch in schemas}) > 1:
+        dataset = pads.dataset(str(path), format="parquet", schema=pa.unify_schemas(schemas))
+    return dataset
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spinelevel.engine.writer import read_output_dataset
 from spinelevel.errors import InputError
 from spinelevel.report.rundata import RunData, read_run
 
@@ -207,29 +208,15 @@ def plan_extraction(run_dir: Path, options: ExtractOptions) -> RunPlan:
     return RunPlan(rd, tuple(plans), tuple(skips), not_classified, definition)
 
 
-def _slices_dataset(path: Path):  # noqa: ANN202 - pyarrow.dataset.Dataset
-    """The slices dataset under the union of its parts' schemas: parts written before the ``frame``
-    column existed lack it, and must read as null frames beside parts that have it."""
-    import pyarrow as pa
-    import pyarrow.dataset as pads
-
-    dataset = pads.dataset(str(path), format="parquet")
-    schemas = [frag.physical_schema for frag in dataset.get_fragments()]
-    if len({tuple(sch.names) for sch in schemas}) > 1:
-        dataset = pads.dataset(str(path), format="parquet", schema=pa.unify_schemas(schemas))
-    return dataset
-
-
 def _picked_rows(run_dir: Path, wanted: dict[str, dict[str, Any]], options: ExtractOptions, skips: list[Skip]) -> dict[str, list[Pick]]:
     """series_uid -> its picks and neighbours, read from the slices dataset."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
 
     if not wanted:
         return {}
     try:
-        dataset = _slices_dataset(run_dir / "slices")
+        dataset = read_output_dataset(run_dir / "slices")
         uids = pa.array(sorted(wanted), pa.string())
         in_wanted = pc.field("series_uid").isin(uids)
         levels = dataset.to_table(columns=["series_uid", "slice_index", "level"], filter=in_wanted)

@@ -83,22 +83,14 @@ class RunData:
 
 
 def _dataset(path: Path, what: str):  # noqa: ANN202 - pyarrow.dataset.Dataset
-    import pyarrow.dataset as ds
-
     if not path.is_dir():
         raise InputError(
             f"{path.parent}: not a run directory of 'spinelevel run' (the {what} dataset {path.name}/ is missing)"
         )
-    try:
-        dataset = ds.dataset(str(path), format="parquet")
-        # Parts written before a column existed (e.g. slices' frame) lack it: read them all under the
-        # union of the parts' schemas, so the missing column reads as null instead of vanishing.
-        schemas = [frag.physical_schema for frag in dataset.get_fragments()]
-        if len({tuple(sch.names) for sch in schemas}) > 1:
-            import pyarrow as pa
+    from spinelevel.engine.writer import read_output_dataset
 
-            dataset = ds.dataset(str(path), format="parquet", schema=pa.unify_schemas(schemas))
-        return dataset
+    try:
+        return read_output_dataset(path)
     except Exception as exc:
         raise InputError(f"{path}: unreadable {what} dataset ({type(exc).__name__}: {exc})") from None
 

@@ -40,7 +40,7 @@ from spinelevel.engine.frames import frame_value
 from spinelevel.engine.sources import Source
 from spinelevel.errors import DecodeError
 
-__all__ = ["VolumeOptions", "SeriesViews", "canonical_axial", "parse_label", "positions", "source_for_label", "read_slice", "read_views", "pick_planes"]
+__all__ = ["VolumeOptions", "SeriesViews", "canonical_axial", "slice_geometry", "parse_label", "positions", "source_for_label", "read_slice", "read_views", "pick_planes"]
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,12 @@ def _orientation(ds, frame: int | None = None) -> np.ndarray:  # noqa: ANN001
     except (AttributeError, TypeError, ValueError):
         pass
     return np.asarray([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+
+
+def slice_geometry(ds, frame: int | None = None) -> tuple[tuple[float, float], np.ndarray]:  # noqa: ANN001
+    """((row mm, column mm), ImageOrientationPatient) of a slice, or of one frame of a multi-frame file
+    (from its functional groups); (1, 1) and the standard axial orientation where the tags are unusable."""
+    return _spacing(ds, frame), _orientation(ds, frame)
 
 
 def canonical_axial(hu: np.ndarray, spacing: tuple[float, float], iop: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
