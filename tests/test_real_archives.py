@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -170,7 +171,10 @@ def multiframe(tmp_path_factory: pytest.TempPathFactory) -> dict:
     zpath.parent.mkdir()
     with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.write(mf, "study/series/legacy.dcm")
-    return {"single": base / "single", "mf": base / "mf", "zip": zpath, "file": mf}
+    tpath = base / "zip" / "mf.tar.gz"
+    with tarfile.open(tpath, "w:gz") as tf:
+        tf.add(mf, "study/series/legacy.dcm")
+    return {"single": base / "single", "mf": base / "mf", "zip": zpath, "tar": tpath, "file": mf}
 
 
 def test_frames_classify_like_their_single_frame_series(tmp_path: Path, model_path: Path, multiframe: dict) -> None:
@@ -197,13 +201,14 @@ def _full():  # noqa: ANN202
     return SamplingOptions(mode="full")
 
 
-def test_frames_inside_a_zip_and_resume(tmp_path: Path, model_path: Path, multiframe: dict) -> None:
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_frames_inside_an_archive_and_resume(tmp_path: Path, model_path: Path, multiframe: dict, kind: str) -> None:
     out = tmp_path / "out"
-    first = run([multiframe["zip"]], model_path, out, RunOptions(workers=0))
+    first = run([multiframe[kind]], model_path, out, RunOptions(workers=2))
     assert first.series_ok == 1
     assert list(_levels_by_z(out).values()) == [LEVELS_30]
-    assert {r["source"] for r in _rows(out)} == {f"{multiframe['zip']}::study/series/legacy.dcm"}
-    again = run([multiframe["zip"]], model_path, out, RunOptions(workers=0))
+    assert {r["source"] for r in _rows(out)} == {f"{multiframe[kind]}::study/series/legacy.dcm"}
+    again = run([multiframe[kind]], model_path, out, RunOptions(workers=0))
     assert again.series_already_done == 1 and again.slices == 0
 
 
