@@ -86,3 +86,47 @@ def test_numpy_fallback_matches_opencv(monkeypatch) -> None:  # noqa: ANN001
         without = resize_bilinear(x, size)
         monkeypatch.undo()
         np.testing.assert_allclose(with_cv2, without, atol=1e-4, rtol=1e-6)
+
+
+# -- preprocessing version 2: square padding with air ------------------------------------------
+
+
+def test_version_1_cards_keep_the_stretching_resize() -> None:
+    from spinelevel.card import ModelCard
+    from spinelevel.engine.preprocess import PreprocessSpec, preprocess_slice, resize_bilinear, window_channels
+
+    card = ModelCard.from_dict({"classes": ["T", "L1", "L2", "L3", "L4", "L5", "S"], "input_size": [16, 16], "windows": [[40, 400]], "mean": [0], "std": [1]})
+    assert card.preprocess == 1 and "preprocess" not in card.to_dict()  # cards without the field: version 1
+    spec = PreprocessSpec.from_card(card)
+    hu = np.random.default_rng(0).normal(0, 300, (24, 40)).astype(np.float32)
+    expected = resize_bilinear(window_channels(hu, spec.windows), (16, 16))
+    assert np.array_equal(preprocess_slice(hu, spec), expected)
+
+
+def test_version_2_pads_to_a_centred_air_square() -> None:
+    from spinelevel.card import ModelCard
+    from spinelevel.engine.preprocess import PreprocessSpec, pad_square, preprocess_slice
+
+    card = ModelCard(input_size=(16, 16), windows=((40.0, 400.0), (-600.0, 1500.0)), mean=(0.0, 0.0), std=(1.0, 1.0), preprocess=2)
+    assert card.to_dict()["preprocess"] == 2 and ModelCard.from_dict(card.to_dict()).preprocess == 2
+    spec = PreprocessSpec.from_card(card)
+    assert spec.square
+    hu = np.full((3, 6), 40.0, np.float32)
+    padded = pad_square(hu)
+    assert padded.shape == (6, 6)
+    assert (padded[:1] == -1000).all() and (padded[4:] == -1000).all() and (padded[1:4] == 40).all()  # (6-3)//2 = 1 row above
+    tall = np.full((7, 4), 40.0, np.float32)
+    assert (pad_square(tall)[:, :1] == -1000).all() and (pad_square(tall)[:, 1:5] == 40).all()
+    square = np.zeros((5, 5), np.float32)
+    assert pad_square(square) is square
+    assert np.array_equal(preprocess_slice(hu, spec), preprocess_slice(padded, PreprocessSpec.from_card(ModelCard(input_size=(16, 16), windows=card.windows, mean=card.mean, std=card.std))))
+
+
+def test_unknown_preprocessing_version_is_refused() -> None:
+    from spinelevel.card import ModelCard
+    from spinelevel.errors import CardError
+
+    with pytest.raises(CardError, match="preprocess 3 is not a preprocessing version"):
+        ModelCard(preprocess=3)
+    with pytest.raises(CardError, match="preprocess must be an integer"):
+        ModelCard.from_dict({"classes": ["T", "L1", "L2", "L3", "L4", "L5", "S"], "input_size": [16, 16], "windows": [[40, 400]], "preprocess": "2"})

@@ -213,3 +213,50 @@ def test_pretrained_weights_from_a_local_file_and_the_cache(tmp_path: Path, monk
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     assert find_cached_weights(TINY) == hub / "model.safetensors"
     assert find_cached_weights("tf_efficientnetv2_b3") is None or "tf_efficientnetv2_b3" in str(find_cached_weights("tf_efficientnetv2_b3"))
+
+
+# -- fine-tuning an exported model, domain randomisation ----------------------------------------
+
+
+def test_onnx_export_initialises_a_timm_model_exactly() -> None:
+    """The bundled demo ONNX (BatchNorm folded) loads back into timm and reproduces ONNX Runtime."""
+    from spinelevel.models import resolve_model
+    from spinelevel.training.onnx_init import state_from_onnx
+    from spinelevel.training.train import create_model
+
+    model = create_model("tf_efficientnetv2_b0", 7)
+    counts = state_from_onnx(model, resolve_model(Path("demo")), check=True)  # raises beyond 1e-4
+    assert counts["loaded"] > 90
+    # BatchNorm became the identity: eval mode must stay that way while fine-tuning
+    bn = model.bn1
+    assert float(bn.running_mean.abs().max()) == 0.0 and float(bn.weight.min()) == 1.0
+
+
+def test_onnx_of_another_architecture_is_refused(tmp_path: Path) -> None:
+    from spinelevel.errors import ModelError
+    from spinelevel.models import resolve_model
+    from spinelevel.training.onnx_init import state_from_onnx
+    from spinelevel.training.train import create_model
+
+    with pytest.raises(ModelError, match="has no place in|has shape"):
+        state_from_onnx(create_model("tf_efficientnetv2_s", 7), resolve_model(Path("demo")), check=False)
+
+
+def test_domain_randomisation_draws_are_deterministic_and_keep_air() -> None:
+    from spinelevel.training.augment import DOMAIN_RANDOMISATION, AugmentSpec, augment_hu, draw_params
+
+    hu = np.full((64, 64), -1000.0, np.float32)
+    hu[16:48, 16:48] = 40.0
+    a = [draw_params(DOMAIN_RANDOMISATION, np.random.default_rng([3, i])) for i in range(20)]
+    b = [draw_params(DOMAIN_RANDOMISATION, np.random.default_rng([3, i])) for i in range(20)]
+    assert a == b
+    shapes = {augment_hu(hu, p).shape for p in a}
+    assert any(s != (64, 64) for s in shapes)  # some crops make non-square slices
+    for p in a:
+        out = augment_hu(hu, p)
+        assert np.array_equal(out, augment_hu(hu, p))  # the same draw, the same image
+        if p.noise_hu == 0.0 and p.blur_sigma == 0.0 and p.rotation_deg == 0.0:
+            assert out.min() == -1000.0  # air is not rescaled
+    # the paper's spec draws exactly what it drew before domain randomisation existed
+    paper = draw_params(AugmentSpec(), np.random.default_rng(5))
+    assert paper.crop == (0.0, 1.0, 0.0, 1.0) and paper.hu_scale == 1.0 and paper.noise_hu == 0.0

@@ -19,6 +19,7 @@ from spinelevel.errors import CardError, ModelError
 __all__ = [
     "CARD_FORMAT",
     "CARD_METADATA_KEY",
+    "PREPROCESS_VERSIONS",
     "ModelCard",
     "read_card",
     "write_onnx_card",
@@ -28,6 +29,8 @@ __all__ = [
 
 CARD_FORMAT = "spinelevel.card/1"
 CARD_METADATA_KEY = "spinelevel.card"
+# The preprocessing versions of ModelCard.preprocess (engine/preprocess.py documents each).
+PREPROCESS_VERSIONS = (1, 2)
 
 _HOW_TO_ATTACH = (
     "attach a card with 'spinelevel card set {model} --from card.json' "
@@ -53,6 +56,10 @@ class ModelCard:
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
     # "probabilities" (softmax already applied) or "logits".
     output: str = "probabilities"
+    # Version of the preprocessing the model was trained with (engine/preprocess.py): 1 (cards
+    # without the field) resizes the slice as it is; 2 first pads it to a square with air, so
+    # non-square slices keep their aspect ratio.
+    preprocess: int = 1
     # Anything else the card carried (architecture, provenance, hashes): kept and written back.
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
@@ -79,6 +86,8 @@ class ModelCard:
             raise CardError(f"card scale {self.scale} must be finite and non-zero")
         if self.output not in ("probabilities", "logits"):
             raise CardError(f"card output {self.output!r} must be 'probabilities' or 'logits'")
+        if self.preprocess not in PREPROCESS_VERSIONS:
+            raise CardError(f"card preprocess {self.preprocess!r} is not a preprocessing version this spinelevel knows ({', '.join(map(str, PREPROCESS_VERSIONS))}); a newer spinelevel made this model")
 
     @property
     def channels(self) -> int:
@@ -97,6 +106,8 @@ class ModelCard:
             "std": [float(v) for v in self.std],
             "output": self.output,
         }
+        if self.preprocess != 1:  # cards of version-1 models stay as they were
+            out["preprocess"] = int(self.preprocess)
         for key, value in self.extra.items():
             out.setdefault(key, value)
         return out
@@ -127,6 +138,7 @@ class ModelCard:
                 mean=tuple(float(v) for v in data.get("mean", [0.0] * n)),
                 std=tuple(float(v) for v in data.get("std", [1.0] * n)),
                 output=str(data.get("output", "probabilities")),
+                preprocess=_int_field(data.get("preprocess", 1), "preprocess"),
                 extra={k: v for k, v in data.items() if k not in known and k != "format"},
             )
         except CardError as exc:
@@ -147,6 +159,12 @@ class ModelCard:
     def with_extra(self, **fields: Any) -> ModelCard:
         """A copy with more provenance fields."""
         return dataclasses.replace(self, extra={**self.extra, **fields})
+
+
+def _int_field(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
 
 
 def sidecar_path(model: Path) -> Path:

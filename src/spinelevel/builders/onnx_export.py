@@ -231,6 +231,7 @@ def export_checkpoint(checkpoint: Path, out: Path, data: Sequence[Path] = (), op
             mean=card.mean,
             std=card.std,
             output="probabilities",
+            preprocess=card.preprocess,
             extra={
                 "architecture": card.extra.get("architecture"),
                 "exporter": f"torch.onnx ({exporter}), torch {torch.__version__}",

@@ -65,11 +65,12 @@ def train(
     labels: Annotated[list[Path] | None, typer.Option("--labels", "-l", help="Labels table(s) (Parquet/CSV: series_uid, sop_uid, level) for DICOM inputs; repeatable.")] = None,
     arch: Annotated[str, typer.Option("--arch", help="timm model name (any EfficientNetV2).")] = "tf_efficientnetv2_m",
     input_size: Annotated[int, typer.Option("--input-size", min=16, help="Square model input in pixels.")] = 512,
+    preprocess: Annotated[int, typer.Option("--preprocess", min=1, max=2, help="Preprocessing version written into the card: 2 pads slices to a square with air (keeps the aspect ratio of non-square slices), 1 stretches them (models before version 2).")] = 2,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Epochs (in total, when resuming).")] = 100,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Slices per step.")] = 16,
     lr: Annotated[float, typer.Option("--lr", min=0.0, help="Adam learning rate.")] = 1e-4,
     schedule: Annotated[str, typer.Option("--schedule", help="Learning-rate schedule: constant (the paper) or cosine.")] = "constant",
-    pretrained: Annotated[Path | None, typer.Option("--pretrained", help="Local ImageNet weights (.safetensors/.pth); default: timm's local cache if it has them.")] = None,
+    pretrained: Annotated[Path | None, typer.Option("--pretrained", help="Local weights to start from: ImageNet .safetensors/.pth, a spinelevel checkpoint, or an exported spinelevel .onnx (fine-tuning; BatchNorm then stays frozen); default: timm's local cache if it has them.")] = None,
     no_cache_weights: Annotated[bool, typer.Option("--from-scratch", help="Do not look for pretrained weights in the local cache.")] = False,
     val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.0, max=0.95, help="Share of patients/studies/series for validation.")] = 0.2,
     seed: Annotated[int, typer.Option("--seed", help="Seed of split, initialisation, sampling and augmentation.")] = 0,
@@ -78,6 +79,8 @@ def train(
     samples_per_epoch: Annotated[int | None, typer.Option("--samples-per-epoch", min=1, help="Random training slices per epoch (default: all).")] = None,
     max_val_slices: Annotated[int | None, typer.Option("--max-val-slices", min=1, help="Validate on at most this many (evenly spaced) slices.")] = None,
     no_augment: Annotated[bool, typer.Option("--no-augment", help="Switch augmentation off.")] = False,
+    augment: Annotated[str, typer.Option("--augment", help="paper (rotation, zoom, flips) or domain (the paper's plus field-of-view crops, HU scale/shift, blur/sharpen and noise: for phantoms towards real CT).")] = "paper",
+    freeze_bn: Annotated[bool, typer.Option("--freeze-bn", help="Keep BatchNorm statistics fixed while training (always on when --pretrained is an .onnx).")] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="PyTorch CPU threads (default: all cores).")] = None,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Data loader processes.")] = 0,
@@ -102,6 +105,7 @@ def train(
             out=out,
             arch=arch,
             input_size=input_size,
+            preprocess=preprocess,
             epochs=epochs,
             batch_size=batch_size,
             lr=lr,
@@ -114,7 +118,8 @@ def train(
             class_weights=class_weights,
             samples_per_epoch=samples_per_epoch,
             max_val_slices=max_val_slices,
-            augment=AugmentSpec(enabled=not no_augment),
+            augment=_augment_spec(augment, no_augment),
+            freeze_bn=freeze_bn,
             device=device,
             threads=threads,
             workers=workers,
@@ -127,3 +132,14 @@ def train(
             f"best epoch {result.best_epoch}: val loss {result.best_val_loss:.4f}, val acc {result.best_val_acc:.4f}; "
             f"checkpoint {result.best} (classes {', '.join(result.classes)}); history {result.history}"
         )
+
+
+def _augment_spec(name: str, off: bool):  # noqa: ANN202 - AugmentSpec
+    from spinelevel.errors import InputError
+    from spinelevel.training.augment import DOMAIN_RANDOMISATION, AugmentSpec
+
+    if name not in ("paper", "domain"):
+        with fail_cleanly():
+            raise InputError(f"--augment {name!r}: choose paper or domain")
+    spec = DOMAIN_RANDOMISATION if name == "domain" else AugmentSpec()
+    return AugmentSpec(enabled=False) if off else spec

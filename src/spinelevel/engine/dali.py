@@ -5,6 +5,7 @@ through ``fn.external_source``: one int16 (H, W) slice per sample plus the per-s
 RescaleSlope/RescaleIntercept. The graph, parametrised by ``device`` ('cpu' or 'gpu'):
 
     raw int16 -> float HU = raw * slope + intercept -> HU below -1100 (out-of-FOV marks) = -1000
+    -> (preprocessing version 2) fn.slice to a centred square, padded with -1000
     -> per window: clamp((HU - (center - width/2)) / width, 0, 1) * scale -> stack to HWC
     -> fn.resize(interp_type=INTERP_LINEAR, antialias=False) to input_size
     -> fn.crop_mirror_normalize(mean, std, output_layout="CHW") -> (C, h, w) float32
@@ -177,6 +178,11 @@ def build_pipeline(spec: PreprocessSpec, options: DaliOptions = DaliOptions()) -
         hu = fn.cast(raw, dtype=types.FLOAT) * slope + intercept
         # out-of-field-of-view marks -> air, exactly: hu + 1 * (air - hu) is air in float32 here
         hu = hu + fn.cast(hu < _BELOW_AIR_HU, dtype=types.FLOAT) * (_AIR_HU - hu)
+        if spec.square:
+            # preprocessing version 2: centred in an air square (preprocess.square_offsets per sample)
+            start = fn.external_source(name="square_start", dtype=types.INT64, ndim=1, device="cpu")
+            shape = fn.external_source(name="square_shape", dtype=types.INT64, ndim=1, device="cpu")
+            hu = fn.slice(hu, start, shape, axes=[0, 1], out_of_bounds_policy="pad", fill_values=_AIR_HU)
         chans = []
         for center, width in spec.windows:
             low = float(center) - float(width) / 2.0
@@ -206,6 +212,12 @@ class DaliPreprocessor:
         self._pipe.feed_input("raw", [s.raw for s in slices])
         self._pipe.feed_input("slope", [np.float32(s.slope) for s in slices])
         self._pipe.feed_input("intercept", [np.float32(s.intercept) for s in slices])
+        if self.spec.square:
+            from spinelevel.engine.preprocess import square_offsets
+
+            boxes = [square_offsets(*s.raw.shape) for s in slices]
+            self._pipe.feed_input("square_start", [np.asarray([-top, -left], np.int64) for _, top, left in boxes])
+            self._pipe.feed_input("square_shape", [np.asarray([side, side], np.int64) for side, _, _ in boxes])
         (out,) = self._pipe.run()
         return out
 

@@ -2,6 +2,10 @@
 
 The card math (DESIGN.md 3.1), in this order:
 
+0. preprocessing version 2 only (card ``"preprocess": 2``): pad the slice to a square with air
+   (-1000 HU), centred (``(S - H) // 2`` rows above, the rest below; the same for columns), so the
+   resize keeps the aspect ratio of non-square slices (version 1, cards without the field, stretches
+   them; kept exactly as it was);
 1. one channel per HU window: ``clip((HU - (center - width / 2)) / width, 0, 1) * scale``;
 2. bilinear resize to ``input_size`` with half-pixel centres and no antialiasing (the convention of
    OpenCV ``INTER_LINEAR``, PyTorch ``interpolate(mode="bilinear", align_corners=False)`` and DALI
@@ -23,7 +27,10 @@ import numpy as np
 if TYPE_CHECKING:
     from spinelevel.card import ModelCard
 
-__all__ = ["PreprocessSpec", "window_channels", "resize_bilinear", "preprocess_slice", "preprocess_batch"]
+__all__ = ["PreprocessSpec", "pad_square", "square_offsets", "window_channels", "resize_bilinear", "preprocess_slice", "preprocess_batch"]
+
+# HU of the padding of version-2 preprocessing (air, as decode.AIR_HU; not imported: decode pulls in pydicom).
+_AIR_HU = -1000.0
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,8 @@ class PreprocessSpec:
     # Per-channel mean and std of the normalisation.
     mean: tuple[float, ...] = (0.0, 0.0, 0.0)
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    # Pad each slice to a square with air before windowing (card preprocessing version 2).
+    square: bool = False
 
     @classmethod
     def from_card(cls, card: ModelCard) -> PreprocessSpec:
@@ -49,7 +58,25 @@ class PreprocessSpec:
             scale=float(card.scale),
             mean=tuple(float(v) for v in card.mean),
             std=tuple(float(v) for v in card.std),
+            square=int(card.preprocess) >= 2,
         )
+
+
+def square_offsets(height: int, width: int) -> tuple[int, int, int]:
+    """(side, top, left) of the air-padded square that holds a (height, width) slice, centred."""
+    side = max(height, width)
+    return side, (side - height) // 2, (side - width) // 2
+
+
+def pad_square(hu: np.ndarray) -> np.ndarray:
+    """An (H, W) HU slice centred in an air-filled square of side max(H, W); square slices unchanged."""
+    h, w = hu.shape
+    if h == w:
+        return hu
+    side, top, left = square_offsets(h, w)
+    out = np.full((side, side), _AIR_HU, dtype=np.float32)
+    out[top : top + h, left : left + w] = hu
+    return out
 
 
 def window_channels(hu: np.ndarray, windows: tuple[tuple[float, float], ...], scale: float = 1.0) -> np.ndarray:
@@ -119,6 +146,8 @@ def _resize_numpy(x: np.ndarray, h_out: int, w_out: int) -> np.ndarray:
 
 def preprocess_slice(hu: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """(H, W) HU -> (C, h, w) float32 model input for one slice."""
+    if spec.square:
+        hu = pad_square(np.asarray(hu, dtype=np.float32))
     x = resize_bilinear(window_channels(hu, spec.windows, spec.scale), spec.input_size)
     if not x.flags.writeable or x.base is not None:
         x = np.array(x, dtype=np.float32)

@@ -1,4 +1,7 @@
-"""Augmentation of training slices: rotation, zoom, vertical and horizontal flip (the paper's set).
+"""Augmentation of training slices: rotation, zoom, vertical and horizontal flip (the paper's set),
+and, for training on phantoms towards real CT, domain randomisation (off by default): random crops
+of the field of view (to non-square slices, as real reconstructions and spine-centred crops are),
+HU scale and shift, blur or sharpening (reconstruction kernels) and extra noise.
 
 Augmentation is applied to the **HU image**, before the engine's own preprocessing
 (:func:`spinelevel.engine.preprocess.preprocess_slice`), so the windowing, resize and normalisation
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["AugmentSpec", "AugmentParams", "draw_params", "augment_hu"]
+__all__ = ["AugmentSpec", "AugmentParams", "DOMAIN_RANDOMISATION", "draw_params", "augment_hu"]
 
 _AIR_HU = -1000.0
 
@@ -34,6 +37,20 @@ class AugmentSpec:
     vflip: float = 0.5
     # Probability of flipping the image left-right.
     hflip: float = 0.5
+    # Probability of cropping the field of view: each axis independently keeps a uniform share in
+    # [crop_min, 1] at a random place (slices become non-square; preprocessing 2 pads them back).
+    crop: float = 0.0
+    crop_min: float = 0.6
+    # HU scale uniform in [1 - hu_scale, 1 + hu_scale] and shift uniform in [-hu_shift, hu_shift]
+    # (calibration and contrast differences between scanners), applied to tissue above air.
+    hu_scale: float = 0.0
+    hu_shift: float = 0.0
+    # Gaussian blur of sigma uniform in [0, blur_sigma] pixels, or (with probability sharpen) an
+    # unsharp mask of that sigma: soft and sharp reconstruction kernels.
+    blur_sigma: float = 0.0
+    sharpen: float = 0.0
+    # Extra Gaussian noise of standard deviation uniform in [0, noise_hu] HU.
+    noise_hu: float = 0.0
     # False switches augmentation off (validation, export parity, tests).
     enabled: bool = True
 
@@ -50,18 +67,44 @@ class AugmentParams:
     vflip: bool
     # Flip left-right.
     hflip: bool
+    # Crop: (top, height, left, width) as shares of the slice; (0, 1, 0, 1) keeps it whole.
+    crop: tuple[float, float, float, float] = (0.0, 1.0, 0.0, 1.0)
+    # HU scale and shift of tissue.
+    hu_scale: float = 1.0
+    hu_shift: float = 0.0
+    # Blur sigma in pixels (0: none); sharpen: unsharp mask instead of blur.
+    blur_sigma: float = 0.0
+    sharpen: bool = False
+    # Extra noise standard deviation in HU, and the seed of that noise.
+    noise_hu: float = 0.0
+    noise_seed: int = 0
 
 
 def draw_params(spec: AugmentSpec, rng: np.random.Generator) -> AugmentParams:
     """Draw one slice's augmentation (identity when ``spec.enabled`` is False)."""
     if not spec.enabled:
         return AugmentParams(0.0, 1.0, False, False)
-    return AugmentParams(
+    base = dict(
         rotation_deg=float(rng.uniform(-spec.rotation_deg, spec.rotation_deg)),
         zoom=float(rng.uniform(1.0 - spec.zoom, 1.0 + spec.zoom)),
         vflip=bool(rng.random() < spec.vflip),
         hflip=bool(rng.random() < spec.hflip),
     )
+    # The paper's draws come first, so a spec without domain randomisation draws what it always did.
+    if spec.crop > 0 and rng.random() < spec.crop:
+        h, w = (float(rng.uniform(spec.crop_min, 1.0)) for _ in range(2))
+        base["crop"] = (float(rng.uniform(0.0, 1.0 - h)), h, float(rng.uniform(0.0, 1.0 - w)), w)
+    if spec.hu_scale > 0:
+        base["hu_scale"] = float(rng.uniform(1.0 - spec.hu_scale, 1.0 + spec.hu_scale))
+    if spec.hu_shift > 0:
+        base["hu_shift"] = float(rng.uniform(-spec.hu_shift, spec.hu_shift))
+    if spec.blur_sigma > 0:
+        base["blur_sigma"] = float(rng.uniform(0.0, spec.blur_sigma))
+        base["sharpen"] = bool(rng.random() < spec.sharpen)
+    if spec.noise_hu > 0:
+        base["noise_hu"] = float(rng.uniform(0.0, spec.noise_hu))
+        base["noise_seed"] = int(rng.integers(0, 2**31))
+    return AugmentParams(**base)
 
 
 def augment_hu(hu: np.ndarray, params: AugmentParams) -> np.ndarray:
@@ -74,6 +117,22 @@ def augment_hu(hu: np.ndarray, params: AugmentParams) -> np.ndarray:
         out = out[::-1, :]
     if params.hflip:
         out = out[:, ::-1]
+    if params.crop != (0.0, 1.0, 0.0, 1.0):
+        h, w = out.shape
+        top, ch, left, cw = params.crop
+        r0, c0 = int(round(top * h)), int(round(left * w))
+        out = out[r0 : r0 + max(8, int(round(ch * h))), c0 : c0 + max(8, int(round(cw * w)))]
+    out = np.array(out, dtype=np.float32)  # a copy: the steps below work in place
+    if params.hu_scale != 1.0 or params.hu_shift != 0.0:
+        tissue = out > -900.0  # air stays air: only the calibration of matter differs
+        out[tissue] = out[tissue] * np.float32(params.hu_scale) + np.float32(params.hu_shift)
+    if params.blur_sigma > 0.05:
+        from scipy.ndimage import gaussian_filter
+
+        smooth = gaussian_filter(out, params.blur_sigma, mode="nearest")
+        out = (2.0 * out - smooth) if params.sharpen else smooth
+    if params.noise_hu > 0:
+        out += np.random.default_rng(params.noise_seed).normal(0.0, params.noise_hu, out.shape).astype(np.float32)
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
@@ -102,3 +161,11 @@ def _affine(hu: np.ndarray, rotation_deg: float, zoom: float) -> np.ndarray:
     top = padded[y0, x0] * (1 - fx) + padded[y0, x0 + 1] * fx
     bottom = padded[y0 + 1, x0] * (1 - fx) + padded[y0 + 1, x0 + 1] * fx
     return (top * (1 - fy) + bottom * fy).astype(np.float32)
+
+
+# The paper's augmentation plus domain randomisation, for training on phantoms towards real CT
+# (spinelevel train --augment domain; the bundled demo model's recipe).
+DOMAIN_RANDOMISATION = AugmentSpec(
+    rotation_deg=10.0, zoom=0.25, vflip=0.5, hflip=0.5,
+    crop=0.5, crop_min=0.55, hu_scale=0.05, hu_shift=30.0, blur_sigma=1.2, sharpen=0.3, noise_hu=20.0,
+)

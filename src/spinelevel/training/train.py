@@ -98,6 +98,11 @@ class TrainConfig:
     # Per-channel mean and std of the card's normalisation.
     mean: tuple[float, ...] = _DEFAULT_CARD.mean
     std: tuple[float, ...] = _DEFAULT_CARD.std
+    # Preprocessing version of the card (engine/preprocess.py): 2 pads slices to a square with air.
+    preprocess: int = 2
+    # Keep BatchNorm in eval mode while training (its running statistics are not updated). Always
+    # on when the pretrained weights come from an ONNX export, whose BatchNorm is folded away.
+    freeze_bn: bool = False
     # 'auto' (cuda when available), 'cpu' or 'cuda'.
     device: str = "auto"
     # CPU threads for PyTorch (None: all cores).
@@ -221,7 +226,15 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
 
 
 def _load_pretrained(model: Any, path: Path) -> dict[str, int]:
-    """Load matching tensors (the classifier of another class count is left new); returns counts."""
+    """Load matching tensors (the classifier of another class count is left new); returns counts.
+
+    An ``.onnx`` file (a model exported by ``spinelevel export``) loads with its BatchNorm folded
+    into the convolutions (training/onnx_init.py).
+    """
+    if Path(path).suffix == ".onnx":
+        from spinelevel.training.onnx_init import state_from_onnx
+
+        return state_from_onnx(model, Path(path))
     state = _read_state_dict(path)
     own = model.state_dict()
     keep = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
@@ -340,11 +353,16 @@ def _write_history(rows: list[dict[str, float]], out: Path, title: str) -> Path:
     return path
 
 
-def _run_epoch(model: Any, loader: Any, criterion: Any, device: str, optimizer: Any | None, progress: TrainProgress) -> tuple[float, float]:
+def _run_epoch(model: Any, loader: Any, criterion: Any, device: str, optimizer: Any | None, progress: TrainProgress, freeze_bn: bool = False) -> tuple[float, float]:
     import torch
 
     training = optimizer is not None
     model.train(training)
+    if training and freeze_bn:
+        # BatchNorm keeps its running statistics (identity ones after an ONNX initialisation)
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
     total_loss, correct, seen, batches = 0.0, 0, 0, 0
     t0 = time.perf_counter()
     with torch.set_grad_enabled(training):
@@ -437,6 +455,7 @@ def _train(paths: Sequence[Path], labels: Sequence[Path], config: TrainConfig, p
         mean=config.mean,
         std=config.std,
         output="logits",
+        preprocess=config.preprocess,
     )
     spec = PreprocessSpec.from_card(card)
 
@@ -454,6 +473,7 @@ def _train(paths: Sequence[Path], labels: Sequence[Path], config: TrainConfig, p
         else:
             log.info("training %s from scratch (pretrained weights not asked for)", config.arch)
     model.to(device)
+    freeze_bn = config.freeze_bn or (pretrained is not None and Path(pretrained).suffix == ".onnx")
 
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     if config.schedule == "cosine":
@@ -495,6 +515,8 @@ def _train(paths: Sequence[Path], labels: Sequence[Path], config: TrainConfig, p
         "augment": asdict(config.augment),
         "samples_per_epoch": config.samples_per_epoch,
         "pretrained": pretrained_info,
+        "freeze_bn": freeze_bn,
+        "preprocess": config.preprocess,
         "device": device,
         "torch": torch.__version__,
     }
@@ -513,7 +535,7 @@ def _train(paths: Sequence[Path], labels: Sequence[Path], config: TrainConfig, p
         # the epoch's random draw changes every epoch, so no slice is always left out.
         drop = len(tr) > config.batch_size
         progress.epoch_started(epoch + 1, config.epochs, len(tr) // config.batch_size if drop else 1)
-        train_loss, train_acc = _run_epoch(model, _loader(tr, config.batch_size, config.workers, drop), criterion, device, optimizer, progress)
+        train_loss, train_acc = _run_epoch(model, _loader(tr, config.batch_size, config.workers, drop), criterion, device, optimizer, progress, freeze_bn)
         scheduler.step()
         val_loss = val_acc = math.nan
         if val_idx:
