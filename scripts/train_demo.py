@@ -42,6 +42,8 @@ RECIPE = {
         "train": (1000, 20, {}),
         "train2": (1100, 80, {"thickness_mm": 3.0, "second_recon_probability": 0.0, "localizer_probability": 0.0, "dose_report_probability": 0.0}),
         "train3": (1200, 120, {"thickness_mm": 5.0, "second_recon_probability": 0.0, "localizer_probability": 0.0, "dose_report_probability": 0.0}),
+        # fine-tuning towards real CT: new patients, random coverage and thickness
+        "ft": (1300, 140, {"second_recon_probability": 0.0, "localizer_probability": 0.0, "dose_report_probability": 0.0}),
         "test": (2000, 24, {}),
     },
     "arch": "tf_efficientnetv2_b0",
@@ -56,6 +58,12 @@ RECIPE = {
         {"name": "run", "input_size": 128, "epochs": 8, "samples_per_epoch": 800, "max_val_slices": 300, "init": "run160/best.safetensors", "data": ["train"]},
         {"name": "run128b", "input_size": 128, "epochs": 6, "samples_per_epoch": 2000, "max_val_slices": 300, "init": "run/best.safetensors", "lr": 5e-4, "data": ["train"]},
         {"name": "run128c", "input_size": 128, "epochs": 16, "samples_per_epoch": 4000, "max_val_slices": 600, "init": "run128b/best.safetensors", "lr": 5e-4, "data": ["train", "train2", "train3"]},
+        # Towards real CT (issue: a bundled model that finds L3 on real CT): preprocessing version 2
+        # (non-square slices padded to a square with air) and domain randomisation (field-of-view
+        # crops, HU scale/shift, blur/sharpen, noise, zoom +-25 %), BatchNorm frozen. The shipped model
+        # was initialised from the shipped version-1 ONNX (run128c's best, BatchNorm folded; the same
+        # function), which `init_onnx` names for a rerun that has no run128c checkpoint.
+        {"name": "v2ft", "input_size": 128, "epochs": 10, "samples_per_epoch": 3000, "max_val_slices": 600, "init": "run128c/best.safetensors", "init_onnx": "levels_demo_v1.onnx", "lr": 3e-4, "data": ["ft"], "preprocess": 2, "augment": "domain", "freeze_bn": True},
     ],
 }
 
@@ -91,7 +99,13 @@ def stage_train(work: Path) -> None:
             "--class-weights", RECIPE["class_weights"], "--val-fraction", str(RECIPE["val_fraction"]),
             "--max-val-slices", str(phase["max_val_slices"]), "--seed", str(RECIPE["seed"]),
         ]
-        args += ["--pretrained", str(work / phase["init"])] if phase["init"] else ["--from-scratch"]
+        args += ["--preprocess", str(phase.get("preprocess", 1)), "--augment", phase.get("augment", "paper")]
+        if phase.get("freeze_bn"):
+            args.append("--freeze-bn")
+        init = work / phase["init"] if phase["init"] else None
+        if init is not None and not init.is_file() and phase.get("init_onnx") and (work / phase["init_onnx"]).is_file():
+            init = work / phase["init_onnx"]  # the exported previous model instead of its checkpoint
+        args += ["--pretrained", str(init)] if init is not None else ["--from-scratch"]
         if (run / "last.state.pt").is_file():
             args.append("--resume")
         _spinelevel(*args)
