@@ -639,7 +639,7 @@ def results_markdown(results: dict[str, Any]) -> str:
         "",
         "Evidence kind: public real CT with labels (TotalSegmentator model output, silver standard); validation only.",
         f"Model: `{results['model']}` (sha256 {results['model_sha256'][:12] if results['model_sha256'] else '?'}, "
-        f"preprocess {results['preprocess']}), engine spinelevel {results['spinelevel_version']}, `--sampling full`, backend {results['backend']}.",
+        f"preprocess {results['preprocess']}), engine spinelevel {results['spinelevel_version']} at {results.get('engine_commit', '?')}, `--sampling full`, backend {results['backend']}.",
         "",
         "| case | region | slices (labelled) | decoded acc | argmax acc | L3 pick z (mm) | L3 true z-extent (mm) | pick error (mm) | \\|pick − mid\\| (mm) | flags | doubt flag | single mid-L3 slice |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -689,6 +689,17 @@ def _run_info(runs: Path, case: str) -> tuple[str | None, str, Any]:
         return None, "?", "?"
 
 
+def _engine_commit(package_file: Path) -> str:
+    """The git commit of the checkout the engine was imported from (``+dirty`` with local changes), or '?'."""
+    where = package_file.resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(where), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--", "."], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+    return head + ("+dirty" if dirty else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: convert the cases, run and evaluate each, write results.json and results.md."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -731,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     sha, backend, preprocess = _run_info(runs, cases[0].name)
     results = {
         "model": a.model, "model_sha256": sha, "backend": backend, "preprocess": preprocess,
-        "spinelevel_version": getattr(spinelevel, "__version__", "?"),
+        "spinelevel_version": getattr(spinelevel, "__version__", "?"), "engine_commit": _engine_commit(Path(spinelevel.__file__)),
         "evidence": "public real CT with labels (TotalSegmentator output, silver standard); validation only",
         "cases": records, "summary": summarise(records), "skipped": skipped,
     }
