@@ -309,7 +309,8 @@ def convert_square_variant(work: Path, folder: Path = EXAMPLE_CT) -> Case:
     a2[0, 0] = a2[1, 1] = affine[0, 0] * n_sq / ct2.shape[0]
     return convert_volume_case("totalseg_example_ct_sq512", ct2, a2, m2, work, {
         "source": "totalseg_example_ct padded to a 500 mm square FOV, resampled to 512 x 512 (diagnostic)",
-        "licence": "Apache-2.0", "label_origin": "as totalseg_example_ct", "whole_trunk": True}, diagnostic=True)
+        "licence": "Apache-2.0", "label_origin": "as totalseg_example_ct", "whole_trunk": True,
+        "region": "totalseg_example_ct padded to a 500 mm square FOV, 512 x 512 (0.98 mm)"}, diagnostic=True)
 
 
 def prepare_example_dicom(work: Path, files: Path = EXAMPLE_DICOM_FILES, labels: Path = EXAMPLE_DICOM_LABELS) -> Case:
