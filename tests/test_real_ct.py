@@ -1,0 +1,125 @@
+"""The committed public real CT cases (tests/data/real_ct): conversion, labels, geometry, evaluation.
+
+Evidence kind: public real CT with labels (validation only). No accuracy is asserted here: the
+model card reports it (scripts/real_ct_eval.py). The tiny test model only drives the pipeline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+nib = pytest.importorskip("nibabel")
+pydicom = pytest.importorskip("pydicom")
+pq = pytest.importorskip("pyarrow.parquet")
+
+ROOT = Path(__file__).resolve().parents[1]
+CT_DIR = ROOT / "tests" / "data" / "real_ct" / "totalseg_example_ct"
+DICOM_LABELS = ROOT / "tests" / "data" / "real_ct" / "totalseg_example_dicom"
+SIEMENS = ROOT / "tests" / "data" / "realworld" / "siemens_ct_empty_uids"
+
+
+@pytest.fixture(scope="module")
+def rce():  # noqa: ANN201 - the script as a module
+    spec = importlib.util.spec_from_file_location("real_ct_eval", ROOT / "scripts" / "real_ct_eval.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclass needs the module registered
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def example_ct(rce, tmp_path_factory):  # noqa: ANN001, ANN201
+    return rce.convert_example_ct(tmp_path_factory.mktemp("real_ct"))
+
+
+def _mask_z_extent(name: str) -> tuple[float, float]:
+    """z-extent of a committed mask from its own affine (outer planes +- half a slice), independent of the script."""
+    img = nib.as_closest_canonical(nib.load(str(CT_DIR / "example_seg" / f"{name}.nii.gz")))
+    ks = np.where(np.asanyarray(img.dataobj).any(axis=(0, 1)))[0]
+    z = [float((img.affine @ [0, 0, k, 1])[2]) for k in (ks.min(), ks.max())]
+    half = abs(img.affine[2, 2]) / 2
+    return min(z) - half, max(z) + half
+
+
+def test_example_ct_labels_have_the_expected_levels(example_ct) -> None:  # noqa: ANN001
+    labels = pq.read_table(example_ct.labels).to_pylist()
+    assert len(labels) == 112
+    counts = {c: sum(r["level"] == c for r in labels) for c in ("T", "L1", "L2", "L3", "L4", "L5", "S")}
+    assert counts == {"T": 9, "L1": 10, "L2": 10, "L3": 10, "L4": 10, "L5": 6, "S": 36}
+    assert sum(r["level"] is None for r in labels) == 21
+    verts = {r["vertebra"]: r for r in pq.read_table(example_ct.vertebrae).to_pylist()}
+    assert set(verts) == {"T11", "T12", "L1", "L2", "L3", "L4", "L5", "sacrum"}
+    lo, hi = _mask_z_extent("vertebrae_L3")
+    assert (verts["L3"]["bottom_z_mm"], verts["L3"]["top_z_mm"]) == pytest.approx((lo, hi))
+    assert (lo, hi) == pytest.approx((284.8, 332.8), abs=0.05)
+    assert verts["L3"]["coverage"] == "whole" and verts["L3"]["level"] == "L3" and verts["sacrum"]["level"] == "S"
+
+
+def test_example_ct_conversion_is_geometrically_right(example_ct) -> None:  # noqa: ANN001
+    labels = sorted(pq.read_table(example_ct.labels).to_pylist(), key=lambda r: r["slice_index"])
+    z = [r["z_mm"] for r in labels]
+    assert all(a > b for a, b in zip(z, z[1:])), "slice_index 0 must be the most superior slice"
+    lo, hi = _mask_z_extent("vertebrae_L3")
+    l3 = [r for r in labels if r["level"] == "L3"]
+    assert l3 and all(lo <= r["z_mm"] <= hi for r in l3)
+    # the DICOM files: IPP z as labelled, pixels = the NIfTI plane, and the L3 mask lies on bone
+    ct = nib.as_closest_canonical(nib.load(str(CT_DIR / "example_ct.nii.gz")))
+    data = np.asanyarray(ct.dataobj)
+    l3mask = np.asanyarray(nib.as_closest_canonical(nib.load(str(CT_DIR / "example_seg" / "vertebrae_L3.nii.gz"))).dataobj) > 0
+    for r in (l3[0], l3[len(l3) // 2], labels[0], labels[-1]):
+        ds = pydicom.dcmread(example_ct.dicom.parent / r["path"])
+        assert ds.SOPInstanceUID == r["sop_uid"]
+        assert float(ds.ImagePositionPatient[2]) == pytest.approx(r["z_mm"], abs=1e-3)
+        k = int(round((r["z_mm"] - ct.affine[2, 3]) / ct.affine[2, 2]))
+        hu = ds.pixel_array.astype(np.float32) + float(ds.RescaleIntercept)
+        # DICOM rows anterior -> posterior, columns patient right -> left; RAS+ axes 0, 1 run the other way
+        expect = np.clip(data[::-1, ::-1, k].T, -1024, 3071)
+        assert np.array_equal(hu, expect)
+        if r["level"] == "L3":
+            assert hu[l3mask[::-1, ::-1, k].T].mean() > 150  # the vertebra is bone in the image
+    x, y = (float(v) for v in pydicom.dcmread(example_ct.dicom.parent / labels[0]["path"]).ImagePositionPatient[:2])
+    # LPS of the first pixel = RAS (-x, -y) of voxel (ni-1, nj-1)
+    corner = ct.affine @ [data.shape[0] - 1, data.shape[1] - 1, 0, 1]
+    assert (x, y) == pytest.approx((-corner[0], -corner[1]), abs=1e-3)
+
+
+def test_siemens_labels_are_keyed_by_the_files(rce) -> None:  # noqa: ANN001
+    rows = pq.read_table(DICOM_LABELS / "labels.parquet").to_pylist()
+    files = {}
+    for f in sorted(SIEMENS.glob("*.dcm")):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        assert not ds.SOPInstanceUID  # the dataset's is empty; the file meta's names the instance
+        files[ds.file_meta.MediaStorageSOPInstanceUID] = float(ds.ImagePositionPatient[2])
+    assert {r["sop_uid"] for r in rows} == set(files) and len(rows) == 20
+    assert all(r["z_mm"] == pytest.approx(files[r["sop_uid"]]) for r in rows)
+    assert sorted(rows, key=lambda r: r["slice_index"]) == sorted(rows, key=lambda r: -r["z_mm"])
+    assert {r["level"] for r in rows} == {"T", None} and sum(r["level"] == "T" for r in rows) == 13
+    verts = {r["vertebra"] for r in pq.read_table(DICOM_LABELS / "vertebrae.parquet").to_pylist()}
+    assert verts == {"T11", "T12"}
+
+
+@pytest.mark.slow
+def test_evaluation_runs_end_to_end(rce, example_ct, model_path, tmp_path) -> None:  # noqa: ANN001
+    rec = rce.evaluate_case(example_ct, str(model_path), tmp_path / "runs", threads=1)
+    assert rec["n_slices"] == 112 and rec["n_labelled"] == 91
+    assert rec["l3_true_extent_mm"] == pytest.approx([284.8, 332.8], abs=0.05) and rec["l3_in_fov"]
+    assert rec["single_slice"] is not None and rec["single_slice"]["truth"] == "L3"
+    lo, hi = rec["l3_true_extent_mm"]
+    assert lo <= rec["single_slice"]["z_mm"] <= hi
+    metrics = json.loads((tmp_path / "runs" / "totalseg_example_ct" / "eval" / "metrics.json").read_text())
+    assert metrics["l3_series"] == 1 and metrics["l3_extent_from"] == "vertebrae table"
+    siemens = rce.prepare_example_dicom(tmp_path / "cases")
+    rec2 = rce.evaluate_case(siemens, str(model_path), tmp_path / "runs", threads=1)
+    assert rec2["n_slices"] == 20 and rec2["n_labelled"] == 13 and rec2["l3_true_extent_mm"] is None
+    assert {"derived_series_uid", "derived_study_uid"} <= set(rec2["flags"])
+    summary = rce.summarise([rec, rec2])
+    assert summary["whole_trunk_cases"] == ["totalseg_example_ct"]
+    md = rce.results_markdown({"model": "tiny", "model_sha256": None, "backend": "onnxruntime", "preprocess": 1,
+                               "spinelevel_version": "test", "cases": [rec, rec2], "summary": summary, "skipped": []})
+    assert "totalseg_example_dicom" in md and "| totalseg_example_ct |" in md
