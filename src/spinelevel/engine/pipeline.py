@@ -585,7 +585,7 @@ def run(paths: list[Path], model: Path, out: Path, options: RunOptions = RunOpti
     started_at = now()
     run_id = new_run_id()
 
-    from spinelevel.engine.cuda import choose_backend
+    from spinelevel.engine.backends import choose_backend
     from spinelevel.models import resolve_model
 
     if options.preprocess not in ("numpy", "dali"):
