@@ -54,6 +54,7 @@ __all__ = [
     "j2k_on_gpu",
     "build_pipeline",
     "DaliPreprocessor",
+    "DaliJ2kDecoder",
 ]
 
 log = logging.getLogger(__name__)
@@ -229,6 +230,61 @@ class DaliPreprocessor:
         if self.options.device == "gpu":
             out = out.as_cpu()
         return np.array(out.as_tensor(), dtype=np.float32)
+
+    def close(self) -> None:
+        """Release the pipeline."""
+        self._pipe = None
+
+
+class DaliJ2kDecoder:
+    """JPEG 2000 / HTJ2K codestreams decoded by DALI's ``fn.decoders.image`` (a
+    :class:`spinelevel.engine.gpu_j2k.J2kDecoder`): ``device="mixed"`` is nvJPEG2000 on the GPU,
+    ``device="cpu"`` DALI's CPU path (CI).
+
+    ``output_type=ANY_DATA, dtype=UINT16``: measured on DALI 2.4's CPU path, an unsigned 12-bit
+    codestream comes back bit-exact (no rescaling to 16 bits); ``dtype=INT16`` is accepted but
+    rescales to the int16 range (4095 -> 2047), and signed codestreams fail on the CPU path (OpenCV).
+    So this decoder is used for unsigned frames only (``GpuJ2kPath(allow_signed=False)``), and the
+    GPU path's first-frame comparison with openjpeg checks the ``mixed`` output per kind before it is
+    trusted. Decoded slices come back to host memory (0.5 MB per 512 x 512 slice) and are packed and
+    fed to the preprocessing graph like CPU-decoded slices, so :func:`build_pipeline` is unchanged.
+    """
+
+    name = "dali"
+
+    def __init__(self, device: str = "mixed", device_id: int = 0, batch_size: int = 16, num_threads: int = 2) -> None:
+        if device not in ("mixed", "cpu"):
+            raise InputError(f"DALI JPEG 2000 decoder device must be 'mixed' or 'cpu', got {device!r}")
+        dali = _import_dali()
+        import nvidia.dali.fn as fn
+        import nvidia.dali.types as types
+
+        if device == "mixed":
+            from spinelevel.engine.cuda import require_cuda
+
+            require_cuda("DALI's GPU JPEG 2000 decoder (device 'mixed')")
+        self.device = device
+        self.batch_size = int(batch_size)
+
+        @dali.pipeline_def(batch_size=self.batch_size, num_threads=num_threads, device_id=device_id if device == "mixed" else None, prefetch_queue_depth=1, exec_dynamic=True)
+        def _graph():  # noqa: ANN202
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, device="cpu")
+            return fn.decoders.image(encoded, device=device, output_type=types.ANY_DATA, dtype=types.UINT16)
+
+        self._pipe = _graph()
+        self._pipe.build()
+
+    def decode(self, frames: list) -> list[np.ndarray | None]:
+        """Decode frames (``J2kFrame``) in batches of at most ``batch_size``; host arrays (H, W, 1) out."""
+        out: list[np.ndarray | None] = []
+        for start in range(0, len(frames), self.batch_size):
+            chunk = frames[start : start + self.batch_size]
+            self._pipe.feed_input("encoded", [np.frombuffer(f.codestream, dtype=np.uint8) for f in chunk])
+            (images,) = self._pipe.run()
+            if self.device == "mixed":
+                images = images.as_cpu()
+            out.extend(np.array(images.at(i)) for i in range(len(chunk)))
+        return out
 
     def close(self) -> None:
         """Release the pipeline."""
