@@ -15,15 +15,13 @@ like OpenCV INTER_LINEAR and our numpy resize) and replicates the border. Measur
 max abs difference < 1e-5 after normalisation, for down- and upscaling and non-square slices; the
 tests assert <= 1e-4.
 
-JPEG 2000 on the GPU (checked with DALI 2.4 / nvImageCodec 0.9, see docs/gpu.md):
-``fn.decoders.image`` offers output dtypes UINT8, UINT16 and FLOAT only ("values converted to the
-dynamic range of the requested type"), no INT16. An unsigned codestream decoded with
-``dtype=UINT16, output_type=ANY_DATA`` comes back bit-exact (12-bit precision values are not
-rescaled), but a signed codestream (PixelRepresentation 1, the usual CT storage) fails to decode on
-DALI's CPU path ("Failed to decode sample"). So :func:`j2k_on_gpu` allows the ``mixed``
-(nvJPEG2000) decoder only for unsigned JPEG 2000 slices; signed ones are decoded on the CPU by
-pydicom and fed as int16, which is what the engine does by default. The GPU decoder itself was not
-run here (no GPU).
+JPEG 2000 on the GPU (DALI 2.4 / nvImageCodec 0.9, CPU path measured; docs/gpu.md):
+``fn.decoders.image(output_type=ANY_DATA, dtype=UINT16)`` returns unsigned 12-bit codestreams
+bit-exact; ``dtype=INT16`` is accepted but rescales to the int16 range (4095 -> 2047); signed
+codestreams fail on the CPU path (OpenCV). :class:`DaliJ2kDecoder` (``device="mixed"``: nvJPEG2000)
+is therefore used for unsigned frames only, behind :class:`spinelevel.engine.gpu_j2k.GpuJ2kPath`,
+which compares the first frame of each kind with openjpeg; signed CT goes to nvImageCodec
+(``--j2k-decoder nvimgcodec``) or the CPU. The ``mixed`` decoder has not been run here (no GPU).
 
 Padding (PixelPaddingValue) is mapped to air before feeding by :func:`pack_slice`, which also turns
 unsigned 16-bit storage into int16 exactly by moving 32768 * slope into the intercept. Undeclared
