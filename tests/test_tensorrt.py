@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,10 +12,12 @@ import pytest
 
 from spinelevel.builders import tensorrt as trtb
 from spinelevel.card import read_card, sidecar_path
-from spinelevel.engine import cuda
+from spinelevel.engine import backends, cuda
 from spinelevel.engine.backends import BackendOptions, load_backend
+from spinelevel.engine.backends import trt_compat
 from spinelevel.errors import BackendUnavailableError, InputError, ModelError
 from spinelevel.selftest import tiny_cnn_onnx
+from trt_fakes import HostMemory
 
 INFO = trtb.EngineInfo(tensorrt="10.13.0.35", gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0", onnx_sha256="ab" * 32, precision="fp16-flag", min_batch=1, opt_batch=16, max_batch=32)
 
@@ -106,8 +109,13 @@ def test_parser_errors_collects_every_error() -> None:
 # --- build_engine with a fake tensorrt module ----------------------------------------------------------
 
 
-def _fake_trt(version: str, parser_errors: list, with_fp16_flag: bool) -> SimpleNamespace:
-    record: dict = {"flags": [], "profiles": [], "cache_in": None}
+def _fake_trt(version: str, parser_errors: list, with_fp16_flag: bool, cache_matches: bool = True, cache_attached: bool = True) -> SimpleNamespace:
+    """TensorRT's builder API with its real return types (see tests/trt_fakes.py for the sources).
+
+    ``cache_matches=False``: set_timing_cache refuses a non-empty cache (made on another GPU) and
+    returns False; ``cache_attached=False``: get_timing_cache returns None.
+    """
+    record: dict = {"flags": [], "profiles": [], "cache_in": None, "cache_calls": []}
     made: dict = {}
 
     class Network:
@@ -121,8 +129,11 @@ def _fake_trt(version: str, parser_errors: list, with_fp16_flag: bool) -> Simple
             record["profiles"].append((name, lo, opt, hi))
 
     class Cache:
-        def serialize(self) -> bytes:
-            return b"timing-cache-v2"
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        def serialize(self) -> HostMemory:
+            return HostMemory.of(b"timing-cache-v2")
 
     class Config:
         def set_memory_pool_limit(self, pool, size) -> None:  # noqa: ANN001
@@ -135,14 +146,20 @@ def _fake_trt(version: str, parser_errors: list, with_fp16_flag: bool) -> Simple
             pass
 
         def create_timing_cache(self, data: bytes) -> Cache:
-            record["cache_in"] = data
-            return Cache()
+            if record["cache_in"] is None:
+                record["cache_in"] = data
+            record["cache_calls"].append(bytes(data))
+            return Cache(bytes(data))
 
-        def set_timing_cache(self, cache, ignore_mismatch) -> None:  # noqa: ANN001
+        def set_timing_cache(self, cache, ignore_mismatch) -> bool:  # noqa: ANN001
             record["ignore_mismatch"] = ignore_mismatch
+            ok = ignore_mismatch or cache_matches or not cache.data
+            if ok:
+                self._cache = cache
+            return ok
 
-        def get_timing_cache(self) -> Cache:
-            return Cache()
+        def get_timing_cache(self):  # noqa: ANN202 - ITimingCache or None
+            return getattr(self, "_cache", None) if cache_attached else None
 
     class Builder:
         def __init__(self, logger) -> None:  # noqa: ANN001
@@ -158,8 +175,8 @@ def _fake_trt(version: str, parser_errors: list, with_fp16_flag: bool) -> Simple
         def create_optimization_profile(self) -> Profile:
             return Profile()
 
-        def build_serialized_network(self, network, config) -> bytes:  # noqa: ANN001
-            return b"ENGINE"
+        def build_serialized_network(self, network, config) -> HostMemory:  # noqa: ANN001
+            return HostMemory.of(b"ENGINE")
 
     def onnx_parser(network, logger):  # noqa: ANN001, ANN202
         made["parser"] = _Parser(parser_errors)
@@ -171,7 +188,8 @@ def _fake_trt(version: str, parser_errors: list, with_fp16_flag: bool) -> Simple
         Logger=None,  # replaced by _logger_fix
         Builder=Builder,
         OnnxParser=onnx_parser,
-        NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=1),
+        # 1 in 10.x (after the deprecated EXPLICIT_BATCH = 0); 0 in 11.x (deprecated, ignored)
+        NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=0 if version.startswith("11.") else 1),
         BuilderFlag=flags,
         MemoryPoolType=SimpleNamespace(WORKSPACE="WORKSPACE"),
         record=record,
@@ -202,7 +220,7 @@ def test_build_reports_all_parser_errors(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_build_tensorrt10_uses_fp16_flag_profile_and_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_gpu: None) -> None:
-    fake = _logger_fix(_fake_trt("10.13.0.35", [], True))
+    fake = _logger_fix(_fake_trt("10.11.0.33", [], True))
     monkeypatch.setattr(trtb, "_import_tensorrt", lambda: fake)
     model = tiny_cnn_onnx(tmp_path / "m.onnx", size=32)
     cache = tmp_path / "timing.cache"
@@ -216,7 +234,7 @@ def test_build_tensorrt10_uses_fp16_flag_profile_and_cache(tmp_path: Path, monke
     assert fake.made["parser"].parsed == [str(model)]
     assert out.read_bytes() == b"ENGINE"
     info = trtb.engine_info(read_card(out), out)
-    assert (info.tensorrt, info.compute_capability, info.precision, info.max_batch) == ("10.13.0.35", "9.0", "fp16-flag", 8)
+    assert (info.tensorrt, info.compute_capability, info.precision, info.max_batch) == ("10.11.0.33", "9.0", "fp16-flag", 8)
     assert info.onnx_sha256 == trtb.file_sha256(model)
 
 
@@ -244,9 +262,40 @@ def test_build_tensorrt11_parses_an_fp16_copy_strongly_typed(tmp_path: Path, mon
     monkeypatch.setattr(trtb, "_import_tensorrt", lambda: fake)
     out = trtb.build_engine(tiny_cnn_onnx(tmp_path / "m.onnx", size=32), tmp_path / "m.engine", trtb.EngineBuildOptions(max_batch=4, opt_batch=2))
     assert fake.record["flags"] == []
-    assert fake.record["network_flags"] == 1 << 1  # STRONGLY_TYPED
+    assert fake.record["network_flags"] == 1 << 0  # STRONGLY_TYPED is 0 in 11.x (and ignored there)
     assert set(seen) == {onnx.TensorProto.FLOAT16}
     assert trtb.engine_info(read_card(out), out).precision == "fp16-strongly-typed"
+
+
+def test_build_tensorrt_10_12_is_strongly_typed_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_gpu: None) -> None:
+    # BuilderFlag.FP16 still exists in 10.12+ but is deprecated ("superseded by strong typing")
+    pytest.importorskip("onnxconverter_common")
+    fake = _logger_fix(_fake_trt("10.13.0.35", [], True))
+    monkeypatch.setattr(trtb, "_import_tensorrt", lambda: fake)
+    out = trtb.build_engine(tiny_cnn_onnx(tmp_path / "m.onnx", size=32), tmp_path / "m.engine", trtb.EngineBuildOptions(max_batch=4, opt_batch=2))
+    assert fake.record["flags"] == [] and fake.record["network_flags"] == 1 << 1  # STRONGLY_TYPED = 1 in 10.x
+    assert trtb.engine_info(read_card(out), out).precision == "fp16-strongly-typed"
+
+
+def test_timing_cache_from_another_gpu_is_replaced_by_a_fresh_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_gpu: None, caplog: pytest.LogCaptureFixture) -> None:
+    # defect 1: set_timing_cache returns False for a cache made on another device
+    fake = _logger_fix(_fake_trt("10.11.0.33", [], True, cache_matches=False))
+    monkeypatch.setattr(trtb, "_import_tensorrt", lambda: fake)
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"cache-from-an-A100")
+    trtb.build_engine(tiny_cnn_onnx(tmp_path / "m.onnx", size=32), tmp_path / "m.engine", trtb.EngineBuildOptions(max_batch=4, opt_batch=2, timing_cache=cache))
+    assert fake.record["cache_calls"] == [b"cache-from-an-A100", b""] and fake.record["ignore_mismatch"] is False
+    assert "refused this timing cache" in caplog.text
+    assert cache.read_bytes() == b"timing-cache-v2"
+
+
+def test_missing_timing_cache_after_build_still_writes_the_card(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_gpu: None, caplog: pytest.LogCaptureFixture) -> None:
+    # defect 1: get_timing_cache may return None; the engine's card must be written regardless
+    fake = _logger_fix(_fake_trt("10.11.0.33", [], True, cache_attached=False))
+    monkeypatch.setattr(trtb, "_import_tensorrt", lambda: fake)
+    out = trtb.build_engine(tiny_cnn_onnx(tmp_path / "m.onnx", size=32), tmp_path / "m.engine", trtb.EngineBuildOptions(max_batch=4, opt_batch=2, timing_cache=tmp_path / "t.cache"))
+    assert trtb.engine_info(read_card(out), out).max_batch == 4
+    assert not (tmp_path / "t.cache").exists() and "no timing cache to save" in caplog.text
 
 
 # --- what is missing here -----------------------------------------------------------------------------
@@ -268,7 +317,7 @@ def test_build_without_tensorrt_names_it(tmp_path: Path) -> None:
 def test_backend_reports_missing_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     from spinelevel.engine.backends import tensorrt as backend
 
-    monkeypatch.setattr(trtb, "tensorrt_available", lambda: True)
+    monkeypatch.setattr(trt_compat, "tensorrt_available", lambda: True)
     monkeypatch.setattr(cuda, "cuda_unavailable_reason", lambda: "no usable NVIDIA driver or GPU (test)")
     assert backend.unavailable_reason() == "no usable NVIDIA driver or GPU (test)"
     with pytest.raises(BackendUnavailableError, match="no usable NVIDIA driver"):
@@ -280,24 +329,33 @@ def test_backend_reports_missing_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_auto_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_cnn_onnx(tmp_path / "m.onnx", size=32)
-    assert cuda.choose_backend(tmp_path / "x.engine").name == "tensorrt"
-    assert cuda.choose_backend(model, "onnxruntime").reason == "--backend onnxruntime was given"
-    monkeypatch.setattr(cuda, "_have", lambda m: m != "tensorrt")
-    choice = cuda.choose_backend(model)
+    assert backends.choose_backend(tmp_path / "x.engine").name == "tensorrt"
+    assert backends.choose_backend(model, "onnxruntime").reason == "--backend onnxruntime was given"
+    assert cuda.choose_backend is backends.choose_backend  # the old import path still works
+    monkeypatch.setattr(backends, "_have", lambda m: m != "tensorrt")
+    choice = backends.choose_backend(model)
     assert choice.name == "onnxruntime" and "TensorRT is not installed" in choice.reason
-    monkeypatch.setattr(cuda, "_have", lambda m: m != "torch")
+    monkeypatch.setattr(backends, "_have", lambda m: m != "torch")
     monkeypatch.setattr(cuda, "cuda_python_available", lambda: True)
     monkeypatch.setattr(cuda, "cuda_unavailable_reason", lambda: None)
-    choice = cuda.choose_backend(model)
+    choice = backends.choose_backend(model)
     assert choice.name == "onnxruntime" and "spinelevel build" in choice.reason
     engine = tmp_path / "m.engine"
     engine.write_bytes(b"E")
     trtb.write_engine_card(engine, trtb.engine_card(read_card(model), INFO))  # sha256 of another ONNX
-    assert "rebuild" in cuda.choose_backend(model).reason
+    assert "rebuild" in backends.choose_backend(model).reason
     good = trtb.EngineInfo(**{**INFO.to_dict(), "onnx_sha256": trtb.file_sha256(model)})
     trtb.write_engine_card(engine, trtb.engine_card(read_card(model), good))
-    choice = cuda.choose_backend(model)
+    choice = backends.choose_backend(model)
     assert (choice.name, choice.model) == ("tensorrt", str(engine))
+
+
+def test_runtime_does_not_import_the_builder() -> None:
+    # layout: the backend and backend choice use trt_compat, never spinelevel.builders
+    import subprocess
+
+    code = "import sys, spinelevel.engine.backends.tensorrt, spinelevel.engine.backends as b; b.choose_backend('m.engine'); print(any(m.startswith('spinelevel.builders') for m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
 # --- CUDA glue pieces that need no device ------------------------------------------------------------

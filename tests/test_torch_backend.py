@@ -88,3 +88,51 @@ def test_torch_preprocessing_matches_numpy(shape: tuple[int, int]) -> None:
     for i in range(3):
         ref = preprocess_slice(raw[i].astype(np.float32) * float(slopes[i]) + float(intercepts[i]), spec)
         assert np.abs(got[i] - ref).max() <= 1e-5
+
+
+def test_cuda_graph_capture_runs_on_the_backends_device(checkpoint: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defect 7: warm-up, capture and replay on "cuda:1" must happen with device 1 current.
+
+    torch.cuda is faked (no GPU here): torch.cuda.device sets the current device, and the side
+    stream, the capture and the replay record which device was current when they ran.
+    """
+    import contextlib
+
+    ckpt, _ = checkpoint
+    backend = TorchBackend(ckpt, read_card(ckpt), TorchOptions(device="cpu"))
+    backend.cuda_graphs, backend.device = True, torch.device("cuda", 1)
+    current, seen = [0], []
+
+    @contextlib.contextmanager
+    def device(dev):  # noqa: ANN001, ANN202
+        prev, current[0] = current[0], torch.device(dev).index
+        try:
+            yield
+        finally:
+            current[0] = prev
+
+    class Stream:
+        def __init__(self, dev=None) -> None:  # noqa: ANN001
+            seen.append(("stream", current[0]))
+
+        def wait_stream(self, other) -> None:  # noqa: ANN001
+            pass
+
+    class Graph:
+        def replay(self) -> None:
+            seen.append(("replay", current[0]))
+
+    @contextlib.contextmanager
+    def graph(g):  # noqa: ANN001, ANN202
+        seen.append(("capture", current[0]))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda dev=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    with torch.inference_mode():
+        backend._forward(torch.zeros((2, 3, 32, 32)))
+    assert seen and all(dev == 1 for _, dev in seen), seen

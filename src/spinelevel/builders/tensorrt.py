@@ -2,38 +2,48 @@
 
 Precision by TensorRT version (DESIGN.md 5):
 
-* TensorRT 10.x: the float32 ONNX is parsed and ``BuilderFlag.FP16`` lets the builder pick FP16
+* TensorRT >= 10.12 (and every 11.x): an FP16 copy of the ONNX with float32 I/O is written first
+  (:func:`spinelevel.builders.fp16.convert_fp16`) and parsed into a strongly typed network.
+  ``BuilderFlag.FP16`` is deprecated since 10.12 ("Superseded by strong typing", NvInfer.h of
+  release/10.12) and removed in 11.0, so 10.12+ and 11.x engines are built the same way.
+* TensorRT 10.0-10.11: the float32 ONNX is parsed and ``BuilderFlag.FP16`` lets the builder pick FP16
   kernels (weak typing; I/O stays float32).
-* TensorRT 11.x removed ``BuilderFlag.FP16`` (and every weak-typing flag): an FP16 copy of the ONNX
-  with float32 I/O is written first (:func:`spinelevel.builders.fp16.convert_fp16`) and parsed into a
-  network created with ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` (accepted and implied in
-  11.x, opt-in since 10.x).
 
-The engine's sidecar ``<engine>.card.json`` is the ONNX card plus an ``engine`` object: TensorRT
-version, GPU name, compute capability, ONNX sha256, precision mode and the batch profile.
-:func:`check_engine_compatible` refuses an engine built for another GPU architecture or TensorRT
-version with a message that says how to rebuild it.
+``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` is 1 in 10.x (``kEXPLICIT_BATCH`` = 0 is the
+deprecated bit before it) and 0 in 11.x, where it is deprecated and ignored because strong typing is
+always on (NvInfer.h of release/10.13 and release/11.1); the bit is always taken from the enum.
+
+The engine's sidecar ``<engine>.card.json`` is the ONNX card plus an ``engine`` object
+(:mod:`spinelevel.engine.backends.trt_compat`, shared with the backend, which must not import this
+builder): TensorRT version, GPU name, compute capability, ONNX sha256, precision mode and profile.
 
 TensorRT is imported lazily; everything except :func:`build_engine` runs (and is tested) without it.
-API used (TensorRT 10.0-11.x Python, unchanged between them unless noted): ``trt.Builder``,
-``Builder.create_network(flags)``, ``trt.OnnxParser(network, logger).parse_from_file``,
-``OnnxParser.num_errors/get_error(i)`` (``IParserError.desc/node/node_name/node_operator``;
-``node_name``/``node_operator`` exist since 10.0), ``IBuilderConfig.set_memory_pool_limit``,
-``create_timing_cache/set_timing_cache/get_timing_cache``, ``Builder.create_optimization_profile``,
-``IOptimizationProfile.set_shape``, ``Builder.build_serialized_network``.
+Return types followed here (TensorRT 10.13 / 11.1 Python bindings and docstrings,
+``python/docstrings/infer/pyCoreDoc.h``): ``IBuilderConfig.set_timing_cache(cache, ignore_mismatch)``
+returns a bool (False when the cache was made with other CUDA device properties and
+``ignore_mismatch`` is False); ``get_timing_cache()`` returns the cache or None;
+``ITimingCache.serialize()`` and ``Builder.build_serialized_network`` return an ``IHostMemory``
+(buffer protocol, not bytes) or None on failure; ``OnnxParser.parse_from_file`` returns a bool and
+``num_errors/get_error(i)`` give ``IParserError`` (``desc/node/node_name/node_operator``).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spinelevel.card import ModelCard, file_sha256, read_card, sidecar_path
+from spinelevel.card import ModelCard, file_sha256, read_card
+from spinelevel.engine.backends.trt_compat import (
+    EngineInfo,
+    check_engine_compatible,
+    engine_card,
+    engine_info,
+    tensorrt_available,
+    write_engine_card,
+)
 from spinelevel.errors import BackendUnavailableError, InputError, ModelError
 
 __all__ = [
@@ -87,47 +97,6 @@ class EngineBuildOptions:
             raise InputError(f"--workspace-gb must be positive, got {self.workspace_gb}")
 
 
-@dataclass(frozen=True)
-class EngineInfo:
-    """What an engine is tied to (the ``engine`` object of its sidecar card)."""
-
-    # TensorRT version that built it ("10.13.0.35").
-    tensorrt: str
-    # GPU it was built on.
-    gpu: str
-    # Compute capability of that GPU, "major.minor".
-    compute_capability: str
-    # sha256 of the ONNX model it was built from.
-    onnx_sha256: str
-    # "fp16-flag" (TensorRT 10 weak typing) or "fp16-strongly-typed" (FP16 ONNX, TensorRT 11).
-    precision: str
-    # Profile batch sizes.
-    min_batch: int
-    opt_batch: int
-    max_batch: int
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready."""
-        return {
-            "tensorrt": self.tensorrt,
-            "gpu": self.gpu,
-            "compute_capability": self.compute_capability,
-            "onnx_sha256": self.onnx_sha256,
-            "precision": self.precision,
-            "min_batch": self.min_batch,
-            "opt_batch": self.opt_batch,
-            "max_batch": self.max_batch,
-        }
-
-
-def tensorrt_available() -> bool:
-    """True when the tensorrt package can be imported (a GPU is checked separately)."""
-    try:
-        return importlib.util.find_spec("tensorrt") is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def _import_tensorrt() -> Any:
     if not tensorrt_available():
         raise BackendUnavailableError(f"TensorRT is not installed (needs the packages {', '.join(TENSORRT_REQUIRES)}): {_INSTALL_HINT}")
@@ -141,16 +110,27 @@ def tensorrt_version() -> str:
     return str(_import_tensorrt().__version__)
 
 
-def _major(version: str) -> int:
+def _version_tuple(version: str) -> tuple[int, int]:
+    parts = str(version).split(".")
     try:
-        return int(str(version).split(".")[0])
+        return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
     except ValueError:
-        return 0
+        return 0, 0
+
+
+# First TensorRT that deprecates weak typing (BuilderFlag.FP16): from here on, FP16 ONNX + strong typing.
+STRONG_TYPING_SINCE = (10, 12)
 
 
 def uses_strong_typing(trt: Any) -> bool:
-    """True when FP16 must come from an FP16 ONNX (TensorRT >= 11, or no ``BuilderFlag.FP16``)."""
-    return _major(getattr(trt, "__version__", "0")) >= 11 or not hasattr(trt.BuilderFlag, "FP16")
+    """True when FP16 comes from an FP16 ONNX built strongly typed (TensorRT >= 10.12, or no ``BuilderFlag.FP16``)."""
+    return _version_tuple(getattr(trt, "__version__", "0")) >= STRONG_TYPING_SINCE or not hasattr(trt.BuilderFlag, "FP16")
+
+
+def _strongly_typed_flags(trt: Any) -> int:
+    """``create_network`` flags of a strongly typed network: the bit of the enum value (1 in 10.x, 0 in 11.x)."""
+    flag = getattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
 
 
 def _call(obj: Any, name: str) -> Any:
@@ -185,75 +165,6 @@ def parser_errors(parser: Any) -> list[str]:
             where.append(f"({op})")
         lines.append(f"{' '.join(where)}: {desc}" if where else desc)
     return lines
-
-
-def engine_card(card: ModelCard, info: EngineInfo) -> ModelCard:
-    """The engine's card: the ONNX card plus the ``engine`` provenance object."""
-    return card.with_extra(engine=info.to_dict())
-
-
-def engine_info(card: ModelCard, engine: Path) -> EngineInfo:
-    """Read the ``engine`` object of an engine's card.
-
-    Raises:
-        ModelError: the card has no (complete) ``engine`` object.
-    """
-    data = card.extra.get("engine")
-    if not isinstance(data, dict):
-        raise ModelError(
-            f"{engine}: its card ({sidecar_path(engine)}) has no 'engine' section (TensorRT version, GPU); "
-            "rebuild it with 'spinelevel build MODEL.onnx --out ENGINE'"
-        )
-    try:
-        return EngineInfo(
-            tensorrt=str(data["tensorrt"]),
-            gpu=str(data["gpu"]),
-            compute_capability=str(data["compute_capability"]),
-            onnx_sha256=str(data.get("onnx_sha256", "")),
-            precision=str(data.get("precision", "")),
-            min_batch=int(data.get("min_batch", 1)),
-            opt_batch=int(data.get("opt_batch", data.get("max_batch", 1))),
-            max_batch=int(data["max_batch"]),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelError(f"{engine}: the 'engine' section of its card is incomplete ({exc}); rebuild it with 'spinelevel build'") from None
-
-
-def check_engine_compatible(engine: Path, info: EngineInfo, tensorrt: str, gpu_name: str, compute_capability: tuple[int, int]) -> None:
-    """Refuse an engine built for another GPU architecture or TensorRT version.
-
-    A serialized engine holds kernels for one compute capability, deserialisable only by the
-    TensorRT version that wrote it. Another GPU model of the same architecture works (a warning
-    says it may be slower than one built there).
-
-    Raises:
-        ModelError: architecture or TensorRT version differs; the message says how to rebuild.
-    """
-    have_cc = f"{compute_capability[0]}.{compute_capability[1]}"
-    onnx_hint = "the ONNX model it came from"
-    rebuild = f"rebuild it on this machine: spinelevel build {onnx_hint} --out {engine}"
-    if info.compute_capability != have_cc:
-        raise ModelError(
-            f"{engine}: engine was built for GPU architecture {info.compute_capability} ({info.gpu}) but this GPU "
-            f"is {gpu_name} (compute capability {have_cc}); TensorRT engines do not move between "
-            f"architectures: {rebuild}"
-        )
-    if info.tensorrt != tensorrt:
-        raise ModelError(
-            f"{engine}: engine was built with TensorRT {info.tensorrt} but TensorRT {tensorrt} is installed; "
-            f"engines only load in the TensorRT version that built them: {rebuild}"
-        )
-    if info.gpu != gpu_name:
-        log.warning("%s was built on %s, running on %s (same architecture %s): rebuild for best speed", engine, info.gpu, gpu_name, have_cc)
-
-
-def write_engine_card(engine: Path, card: ModelCard) -> Path:
-    """Write ``<engine>.card.json`` atomically."""
-    path = sidecar_path(engine)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(card.to_dict(), indent=2), encoding="utf-8")
-    tmp.replace(path)
-    return path
 
 
 def _input_dims(network: Any, card: ModelCard, model: Path) -> tuple[str, tuple[int, int, int]]:
@@ -292,9 +203,7 @@ def build_engine(model: Path, out: Path, options: EngineBuildOptions = EngineBui
     strong = uses_strong_typing(trt)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    # STRONGLY_TYPED: opt-in flag since TensorRT 10.0, implied (and still accepted) in 11.x.
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strong else 0
-    network = builder.create_network(flags)
+    network = builder.create_network(_strongly_typed_flags(trt) if strong else 0)
     parser = trt.OnnxParser(network, logger)
     with tempfile.TemporaryDirectory(prefix="spinelevel-build-") as tmp:
         source = model
@@ -310,14 +219,13 @@ def build_engine(model: Path, out: Path, options: EngineBuildOptions = EngineBui
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * (1 << 30)))
     if not strong:
-        config.set_flag(trt.BuilderFlag.FP16)  # TensorRT 10.x only; removed in 11.0
+        config.set_flag(trt.BuilderFlag.FP16)  # TensorRT < 10.12 only; deprecated in 10.12, removed in 11.0
     profile = builder.create_optimization_profile()
     profile.set_shape(name, (options.min_batch, *chw), (options.opt_batch, *chw), (options.max_batch, *chw))
     config.add_optimization_profile(profile)
     cache_path = Path(options.timing_cache) if options.timing_cache else None
-    cache_bytes = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, False)  # ignore_mismatch=False: a cache from another GPU is not used silently
+    if cache_path is not None:
+        _attach_timing_cache(config, cache_path)
     log.info("building %s engine for %s on %s (batch %d/%d/%d)", "strongly typed FP16" if strong else "FP16", model, gpu.name, options.min_batch, options.opt_batch, options.max_batch)
     blob = builder.build_serialized_network(network, config)
     if blob is None:
@@ -325,13 +233,8 @@ def build_engine(model: Path, out: Path, options: EngineBuildOptions = EngineBui
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_name(f".{out.name}.tmp")
     with open(tmp_out, "wb") as fh:
-        fh.write(memoryview(blob))
+        fh.write(memoryview(blob))  # IHostMemory exposes the buffer protocol
     tmp_out.replace(out)
-    if cache_path is not None:
-        serialized = config.get_timing_cache().serialize()
-        tmp_cache = cache_path.with_name(f".{cache_path.name}.tmp")
-        tmp_cache.write_bytes(bytes(memoryview(serialized)))
-        tmp_cache.replace(cache_path)
     info = EngineInfo(
         tensorrt=str(trt.__version__),
         gpu=gpu.name,
@@ -342,5 +245,40 @@ def build_engine(model: Path, out: Path, options: EngineBuildOptions = EngineBui
         opt_batch=options.opt_batch,
         max_batch=options.max_batch,
     )
+    # The card before the cache: an engine without its card cannot be loaded, a lost cache only
+    # makes the next build slower.
     write_engine_card(out, engine_card(card, info))
+    if cache_path is not None:
+        _save_timing_cache(config, cache_path)
     return out
+
+
+def _attach_timing_cache(config: Any, cache_path: Path) -> None:
+    """Load ``cache_path`` (when it exists) into the config; a cache TensorRT refuses is replaced by a fresh one.
+
+    ``set_timing_cache(cache, ignore_mismatch=False)`` returns False when the cache was written with
+    other CUDA device properties (another GPU); using it anyway (``ignore_mismatch=True``) "may lead
+    to functional/performance bugs" (TensorRT docstring), so a fresh cache is started instead.
+    """
+    data = cache_path.read_bytes() if cache_path.is_file() else b""
+    cache = config.create_timing_cache(data)
+    if cache is not None and config.set_timing_cache(cache, False):
+        return
+    if data:
+        log.warning("%s: TensorRT refused this timing cache (made on another GPU or TensorRT version); starting a fresh one, which will replace it", cache_path)
+        cache = config.create_timing_cache(b"")
+        if cache is not None and config.set_timing_cache(cache, False):
+            return
+    log.warning("%s: TensorRT could not attach a timing cache; building without one", cache_path)
+
+
+def _save_timing_cache(config: Any, cache_path: Path) -> None:
+    """Write the config's timing cache to ``cache_path`` atomically; warn (no error) when there is none."""
+    cache = config.get_timing_cache()  # None when no cache is attached
+    serialized = cache.serialize() if cache is not None else None
+    if serialized is None:
+        log.warning("%s: no timing cache to save (the engine and its card are written)", cache_path)
+        return
+    tmp_cache = cache_path.with_name(f".{cache_path.name}.tmp")
+    tmp_cache.write_bytes(bytes(memoryview(serialized)))
+    tmp_cache.replace(cache_path)

@@ -37,6 +37,14 @@ class Preprocess(str, Enum):
     dali = "dali"
 
 
+class J2kDecoder(str, Enum):
+    """--j2k-decoder choices."""
+
+    cpu = "cpu"
+    nvimgcodec = "nvimgcodec"
+    dali = "dali"
+
+
 class _RichProgress:
     """Rich progress bar: files scanned, then series done and slices/s."""
 
@@ -95,6 +103,7 @@ def run(
     backend: Annotated[str, typer.Option("--backend", help="auto (TensorRT, then torch on CUDA, then ONNX Runtime), onnxruntime, tensorrt or torch.")] = "auto",
     device: Annotated[str | None, typer.Option("--device", help="GPU backends: cuda, cuda:1, or cpu (torch).")] = None,
     preprocess: Annotated[Preprocess, typer.Option("--preprocess", help="numpy (in the decode workers) or dali (one DALI graph; on the GPU with a GPU backend).")] = Preprocess.numpy,
+    j2k_decoder: Annotated[J2kDecoder, typer.Option("--j2k-decoder", help="JPEG 2000/HTJ2K decoder: cpu (openjpeg), nvimgcodec or dali (nvJPEG2000 on the GPU where it is bit-exact with openjpeg, checked per kind; the CPU otherwise, with the reason in run.json). nvimgcodec needs nvidia-nvimgcodec-cu13 and nvidia-nvjpeg2k-cu13.")] = J2kDecoder.cpu,
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="GPU backends: capture a CUDA graph per batch size.")] = False,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch backend: torch.compile the model.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Slices per inference call.")] = 16,
@@ -132,6 +141,7 @@ def run(
         backend=backend,
         device=device,
         preprocess=Preprocess(preprocess).value,
+        j2k_decoder=J2kDecoder(j2k_decoder).value,
         cuda_graphs=cuda_graphs,
         compile=compile_model,
         batch_size=batch_size,

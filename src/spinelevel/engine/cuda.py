@@ -35,20 +35,31 @@ __all__ = [
     "gpu_info",
     "probe",
     "require_cuda",
+    "set_device",
+    "LEGACY_DEFAULT_STREAM",
+    "PER_THREAD_DEFAULT_STREAM",
+    "TENSOR_ALIGNMENT",
     "Stream",
     "Event",
     "DeviceBuffer",
     "PinnedBuffer",
     "CudaGraph",
     "device_pointer",
-    "BackendChoice",
-    "choose_backend",
 ]
 
 log = logging.getLogger(__name__)
 
 # Packages the CUDA glue imports (cuda-python's runtime bindings).
 CUDA_REQUIRES = ("cuda-python",)
+
+# The special stream handles of the CUDA runtime (cudaStreamLegacy, cudaStreamPerThread; also the
+# values the CUDA Array Interface v3 uses in its "stream" entry for those streams).
+LEGACY_DEFAULT_STREAM = 1
+PER_THREAD_DEFAULT_STREAM = 2
+
+# Alignment TensorRT requires of every tensor address ("The pointer must have at least 256-byte
+# alignment", IExecutionContext::setTensorAddress, NvInferRuntime.h, TensorRT 10.13 and 11.1).
+TENSOR_ALIGNMENT = 256
 
 
 class CudaError(SpineLevelError):
@@ -217,6 +228,11 @@ def gpu_info(index: int = 0) -> GpuInfo:
     return GpuInfo(index, name.rstrip("\x00").strip(), (int(prop.major), int(prop.minor)), int(prop.totalGlobalMem))
 
 
+def set_device(index: int) -> None:
+    """Make ``index`` the current device of the calling thread (cudaSetDevice is per host thread)."""
+    check(runtime().cudaSetDevice(int(index)), "cudaSetDevice")
+
+
 def probe() -> GpuProbe:
     """Find what the GPU path can use here; cheap, never raises."""
     ok, reason = _device_state()
@@ -267,6 +283,17 @@ class Stream:
         """Make later work on this stream wait for ``event`` (no host blocking)."""
         check(runtime().cudaStreamWaitEvent(self.handle, event.handle, 0), "cudaStreamWaitEvent")
 
+    def wait_for_stream(self, producer: int, event: Event) -> None:
+        """Make later work on this stream wait for everything queued so far on stream handle ``producer``.
+
+        ``producer`` may be a real cudaStream_t or :data:`LEGACY_DEFAULT_STREAM` /
+        :data:`PER_THREAD_DEFAULT_STREAM`. A non-blocking stream (this class) does not synchronise
+        with the legacy default stream implicitly, so work another library queued there (torch's
+        default stream) must be ordered explicitly: record an event there, wait on it here.
+        """
+        event.record_handle(producer)
+        self.wait(event)
+
     def close(self) -> None:
         """Destroy the stream."""
         if self.handle is not None:
@@ -285,6 +312,10 @@ class Event:
     def record(self, stream: Stream) -> None:
         """Record the event at the current end of ``stream``."""
         check(runtime().cudaEventRecord(self.handle, stream.handle), "cudaEventRecord")
+
+    def record_handle(self, stream_handle: int) -> None:
+        """Record the event at the end of a stream given as a raw handle (another library's stream)."""
+        check(runtime().cudaEventRecord(self.handle, int(stream_handle)), "cudaEventRecord")
 
     def synchronize(self) -> None:
         """Block the host until the recorded work is done."""
@@ -365,6 +396,23 @@ class CudaGraph:
         # cudaGraphInstantiate(graph, flags): CUDA >= 12.0 signature (11.x took error-node/log buffers).
         self._exec = check(cudart.cudaGraphInstantiate(self._graph, 0), "cudaGraphInstantiate")
 
+    def abort(self) -> None:
+        """End a capture whose work failed, leaving the stream usable; never raises.
+
+        As trtexec's ``TrtCudaGraph::endCaptureOnError`` (TensorRT samples/common/sampleDevice.h):
+        end the capture (``cudaErrorStreamCaptureInvalidated`` returns no graph), destroy a graph
+        that was returned, and clear the sticky error with ``cudaGetLastError``.
+        """
+        cudart = runtime()
+        try:
+            err, graph = cudart.cudaStreamEndCapture(self._stream.handle)
+            if err == cudart.cudaError_t.cudaSuccess and graph is not None and int(graph):
+                cudart.cudaGraphDestroy(graph)
+            cudart.cudaGetLastError()
+        except Exception:  # noqa: BLE001 - cleanup after a failure must not hide the failure
+            log.debug("ending a failed CUDA graph capture raised", exc_info=True)
+        self._graph = self._exec = None
+
     def launch(self) -> None:
         """Replay the captured work on the stream."""
         check(runtime().cudaGraphLaunch(self._exec, self._stream.handle), "cudaGraphLaunch")
@@ -405,82 +453,11 @@ def device_pointer(obj: Any) -> tuple[int, tuple[int, ...], np.dtype, bool]:
     return int(iface["data"][0]), shape, dtype, contiguous
 
 
-@dataclass(frozen=True)
-class BackendChoice:
-    """Which backend runs a model, on what file, and why (recorded in run.json)."""
+def __getattr__(name: str) -> Any:
+    # Backend choice moved beside the backend registry (spinelevel.engine.backends); these names
+    # stay importable from here for callers written before the move.
+    if name in ("BackendChoice", "choose_backend"):
+        from spinelevel.engine import backends
 
-    # Backend registry name.
-    name: str
-    # The model file that backend loads (an ONNX model's sibling engine may be picked).
-    model: str
-    # One sentence: why this backend (and why not the faster ones).
-    reason: str
-
-    def to_dict(self) -> dict[str, str]:
-        """JSON-ready."""
-        return {"name": self.name, "model": self.model, "reason": self.reason}
-
-
-def choose_backend(model: Any, requested: str = "auto") -> BackendChoice:
-    """Resolve ``--backend`` (``auto`` or a name) for ``model``.
-
-    ``auto`` picks TensorRT, then torch on CUDA, then ONNX Runtime, by what the model file is and
-    what this machine has: a ``.engine``/``.plan`` file needs TensorRT; a ``.safetensors``
-    checkpoint runs on torch; an ONNX model uses the sibling ``<stem>.engine`` when TensorRT and a
-    GPU are here and that engine's card names this ONNX's sha256, else ONNX Runtime (the reason
-    says how to get the faster path). A named backend is returned as asked, with the model file
-    unchanged.
-    """
-    from pathlib import Path
-
-    from spinelevel.errors import InputError
-
-    path = Path(model)
-    if requested != "auto":
-        return BackendChoice(requested, str(path), f"--backend {requested} was given")
-    suffix = path.suffix.lower()
-    gpu_reason = cuda_unavailable_reason()
-    have_trt = _have("tensorrt") and cuda_python_available()
-    if suffix in (".engine", ".plan", ".trt"):
-        return BackendChoice("tensorrt", str(path), "the model is a TensorRT engine")
-    if suffix in (".safetensors", ".pt", ".pth"):
-        torch_cuda = False
-        if _have("torch"):
-            import torch
-
-            torch_cuda = bool(torch.cuda.is_available())
-        why = "the model is a PyTorch checkpoint; " + ("torch sees a CUDA GPU" if torch_cuda else "no CUDA GPU for torch, running on the CPU")
-        return BackendChoice("torch", str(path), why)
-    if suffix != ".onnx":
-        raise InputError(f"{path}: cannot tell the model type from its extension (.onnx, .engine, .safetensors); name --backend")
-    why_not_trt = _why_not_engine(path, have_trt, gpu_reason)
-    if why_not_trt is None:
-        engine = path.with_suffix(".engine")
-        return BackendChoice("tensorrt", str(engine), f"TensorRT engine {engine.name} was built from this ONNX model and a GPU is usable")
-    checkpoint = path.with_suffix(".safetensors")
-    if checkpoint.is_file() and _have("torch") and _have("timm") and _have("safetensors"):
-        import torch
-
-        if torch.cuda.is_available():
-            return BackendChoice("torch", str(checkpoint), f"{why_not_trt}; torch on CUDA with the sibling checkpoint {checkpoint.name}")
-    return BackendChoice("onnxruntime", str(path), f"{why_not_trt}; ONNX Runtime on the CPU")
-
-
-def _why_not_engine(path: Any, have_trt: bool, gpu_reason: str | None) -> str | None:
-    """Why the sibling TensorRT engine of an ONNX model cannot be used, or None when it can."""
-    from spinelevel.card import file_sha256, read_card
-
-    if not have_trt:
-        return "TensorRT is not installed (tensorrt, cuda-python)"
-    if gpu_reason is not None:
-        return f"TensorRT is installed but no GPU is usable ({gpu_reason})"
-    engine = path.with_suffix(".engine")
-    if not engine.is_file():
-        return f"no TensorRT engine was built (run 'spinelevel build {path} --out {engine}')"
-    try:
-        built_from = read_card(engine).extra.get("engine", {}).get("onnx_sha256")
-    except Exception as exc:  # noqa: BLE001 - a broken sidecar means "do not use this engine"
-        return f"{engine} has no readable card ({exc})"
-    if built_from != file_sha256(path):
-        return f"{engine} was built from another ONNX file (sha256 differs): rebuild it"
-    return None
+        return getattr(backends, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

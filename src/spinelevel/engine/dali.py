@@ -16,15 +16,13 @@ like OpenCV INTER_LINEAR and our numpy resize) and replicates the border. Measur
 max abs difference < 1e-5 after normalisation, for down- and upscaling and non-square slices; the
 tests assert <= 1e-4.
 
-JPEG 2000 on the GPU (checked with DALI 2.4 / nvImageCodec 0.9, see docs/gpu.md):
-``fn.decoders.image`` offers output dtypes UINT8, UINT16 and FLOAT only ("values converted to the
-dynamic range of the requested type"), no INT16. An unsigned codestream decoded with
-``dtype=UINT16, output_type=ANY_DATA`` comes back bit-exact (12-bit precision values are not
-rescaled), but a signed codestream (PixelRepresentation 1, the usual CT storage) fails to decode on
-DALI's CPU path ("Failed to decode sample"). So :func:`j2k_on_gpu` allows the ``mixed``
-(nvJPEG2000) decoder only for unsigned JPEG 2000 slices; signed ones are decoded on the CPU by
-pydicom and fed as int16, which is what the engine does by default. The GPU decoder itself was not
-run here (no GPU).
+JPEG 2000 on the GPU (DALI 2.4 / nvImageCodec 0.9, CPU path measured; docs/gpu.md):
+``fn.decoders.image(output_type=ANY_DATA, dtype=UINT16)`` returns unsigned 12-bit codestreams
+bit-exact; ``dtype=INT16`` is accepted but rescales to the int16 range (4095 -> 2047); signed
+codestreams fail on the CPU path (OpenCV). :class:`DaliJ2kDecoder` (``device="mixed"``: nvJPEG2000)
+is therefore used for unsigned frames only, behind :class:`spinelevel.engine.gpu_j2k.GpuJ2kPath`,
+which compares the first frame of each kind with openjpeg; signed CT goes to nvImageCodec
+(``--j2k-decoder nvimgcodec``) or the CPU. The ``mixed`` decoder has not been run here (no GPU).
 
 Padding (PixelPaddingValue) is mapped to air before feeding by :func:`pack_slice`, which also turns
 unsigned 16-bit storage into int16 exactly by moving 32768 * slope into the intercept. Undeclared
@@ -55,6 +53,7 @@ __all__ = [
     "j2k_on_gpu",
     "build_pipeline",
     "DaliPreprocessor",
+    "DaliJ2kDecoder",
 ]
 
 log = logging.getLogger(__name__)
@@ -241,6 +240,61 @@ class DaliPreprocessor:
         if self.options.device == "gpu":
             out = out.as_cpu()
         return np.array(out.as_tensor(), dtype=np.float32)
+
+    def close(self) -> None:
+        """Release the pipeline."""
+        self._pipe = None
+
+
+class DaliJ2kDecoder:
+    """JPEG 2000 / HTJ2K codestreams decoded by DALI's ``fn.decoders.image`` (a
+    :class:`spinelevel.engine.gpu_j2k.J2kDecoder`): ``device="mixed"`` is nvJPEG2000 on the GPU,
+    ``device="cpu"`` DALI's CPU path (CI).
+
+    ``output_type=ANY_DATA, dtype=UINT16``: measured on DALI 2.4's CPU path, an unsigned 12-bit
+    codestream comes back bit-exact (no rescaling to 16 bits); ``dtype=INT16`` is accepted but
+    rescales to the int16 range (4095 -> 2047), and signed codestreams fail on the CPU path (OpenCV).
+    So this decoder is used for unsigned frames only (``GpuJ2kPath(allow_signed=False)``), and the
+    GPU path's first-frame comparison with openjpeg checks the ``mixed`` output per kind before it is
+    trusted. Decoded slices come back to host memory (0.5 MB per 512 x 512 slice) and are packed and
+    fed to the preprocessing graph like CPU-decoded slices, so :func:`build_pipeline` is unchanged.
+    """
+
+    name = "dali"
+
+    def __init__(self, device: str = "mixed", device_id: int = 0, batch_size: int = 16, num_threads: int = 2) -> None:
+        if device not in ("mixed", "cpu"):
+            raise InputError(f"DALI JPEG 2000 decoder device must be 'mixed' or 'cpu', got {device!r}")
+        dali = _import_dali()
+        import nvidia.dali.fn as fn
+        import nvidia.dali.types as types
+
+        if device == "mixed":
+            from spinelevel.engine.cuda import require_cuda
+
+            require_cuda("DALI's GPU JPEG 2000 decoder (device 'mixed')")
+        self.device = device
+        self.batch_size = int(batch_size)
+
+        @dali.pipeline_def(batch_size=self.batch_size, num_threads=num_threads, device_id=device_id if device == "mixed" else None, prefetch_queue_depth=1, exec_dynamic=True)
+        def _graph():  # noqa: ANN202
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, device="cpu")
+            return fn.decoders.image(encoded, device=device, output_type=types.ANY_DATA, dtype=types.UINT16)
+
+        self._pipe = _graph()
+        self._pipe.build()
+
+    def decode(self, frames: list) -> list[np.ndarray | None]:
+        """Decode frames (``J2kFrame``) in batches of at most ``batch_size``; host arrays (H, W, 1) out."""
+        out: list[np.ndarray | None] = []
+        for start in range(0, len(frames), self.batch_size):
+            chunk = frames[start : start + self.batch_size]
+            self._pipe.feed_input("encoded", [np.frombuffer(f.codestream, dtype=np.uint8) for f in chunk])
+            (images,) = self._pipe.run()
+            if self.device == "mixed":
+                images = images.as_cpu()
+            out.extend(np.array(images.at(i)) for i in range(len(chunk)))
+        return out
 
     def close(self) -> None:
         """Release the pipeline."""

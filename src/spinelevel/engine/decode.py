@@ -2,7 +2,9 @@
 
 pydicom's pixel handlers do the transfer syntaxes (uncompressed, deflated, big endian natively; RLE,
 JPEG lossless, JPEG-LS, JPEG 2000 and HTJ2K through the pylibjpeg, pylibjpeg-openjpeg,
-pylibjpeg-libjpeg, pylibjpeg-rle and pyjpegls plugins). A file that cannot be decoded raises
+pylibjpeg-libjpeg, pylibjpeg-rle and pyjpegls plugins). JPEG 2000 and HTJ2K may instead go to a GPU
+decoder (``j2k``: a :class:`spinelevel.engine.gpu_j2k.GpuJ2kPath`, which keeps this CPU decoder as its
+reference and fallback). A file that cannot be decoded raises
 :class:`DecodeError` naming the transfer syntax and what is missing; the pipeline records it and
 carries on.
 """
@@ -153,12 +155,14 @@ def _no_pixel_data(ds) -> str:  # noqa: ANN001 - pydicom Dataset
     return "no pixel data (PixelData (7fe0,0010) is absent)"
 
 
-def decode_stored(ds, frame: int | None = None) -> StoredSlice:  # noqa: ANN001 - pydicom Dataset
+def decode_stored(ds, frame: int | None = None, j2k=None) -> StoredSlice:  # noqa: ANN001 - pydicom Dataset, GpuJ2kPath
     """Decode the pixel data and check the rescale tags, without converting to HU.
 
     Args:
         frame: for a multi-frame CT file, the 1-based frame to decode (only that frame is decoded;
             its rescale comes from the functional groups).
+        j2k: a GPU JPEG 2000 path (:class:`spinelevel.engine.gpu_j2k.GpuJ2kPath`) for JPEG 2000 and
+            HTJ2K pixel data; None decodes everything on the CPU.
 
     Raises:
         DecodeError: no pixel data, undecodable pixel data, or unusable rescale tags.
@@ -171,6 +175,11 @@ def decode_stored(ds, frame: int | None = None) -> StoredSlice:  # noqa: ANN001 
     try:
         if retired_jpeg.is_retired_jpeg(tsyntax):
             raw = retired_jpeg.decode_frame(ds, 0 if frame is None else frame - 1)
+        elif j2k is not None and _is_j2k(tsyntax):
+            from spinelevel.engine.gpu_j2k import extract_frame
+
+            index = None if frame is None else frame - 1
+            raw = j2k.decode(extract_frame(ds, index or 0, tsyntax), lambda: _pixel_array(ds, tsyntax, index))
         else:
             raw = _pixel_array(ds, tsyntax, None if frame is None else frame - 1)
     except DecodeError:
@@ -199,7 +208,13 @@ def decode_stored(ds, frame: int | None = None) -> StoredSlice:  # noqa: ANN001 
     return StoredSlice(raw, slope, intercept, _padding_mask(ds, raw))
 
 
-def decode_hu(ds, frame: int | None = None) -> np.ndarray:  # noqa: ANN001 - pydicom Dataset
+def _is_j2k(tsyntax: str) -> bool:
+    from spinelevel.engine.gpu_j2k import is_j2k
+
+    return is_j2k(tsyntax)
+
+
+def decode_hu(ds, frame: int | None = None, j2k=None) -> np.ndarray:  # noqa: ANN001 - pydicom Dataset, GpuJ2kPath
     """The slice as float32 Hounsfield units, shape (Rows, Columns).
 
     Padding (PixelPaddingValue) and values below BELOW_AIR_HU (undeclared out-of-field-of-view
@@ -208,7 +223,7 @@ def decode_hu(ds, frame: int | None = None) -> np.ndarray:  # noqa: ANN001 - pyd
     Raises:
         DecodeError: no pixel data, undecodable pixel data, or unusable rescale tags.
     """
-    stored = decode_stored(ds, frame)
+    stored = decode_stored(ds, frame, j2k)
     return hu_from_stored(stored.raw, stored.slope, stored.intercept, stored.padding)
 
 
@@ -254,18 +269,20 @@ def _padding_mask(ds, raw: np.ndarray) -> np.ndarray | None:  # noqa: ANN001
     return mask if mask.any() else None
 
 
-def read_hu(src: Source, max_bytes: int, frame: int | None = None) -> tuple[np.ndarray, str]:
+def read_hu(src: Source, max_bytes: int, frame: int | None = None, j2k=None) -> tuple[np.ndarray, str]:  # noqa: ANN001
     """Read and decode one slice (or one frame of a multi-frame file); returns (HU, SOPInstanceUID).
+
+    ``j2k``: optional GPU JPEG 2000 path (see :func:`decode_stored`).
 
     Raises:
         DecodeError: the file cannot be read, parsed or decoded.
     """
-    return _read(src, max_bytes, frame, decode_hu)
+    return _read(src, max_bytes, frame, lambda ds, fr: decode_hu(ds, fr, j2k))
 
 
-def read_stored(src: Source, max_bytes: int, frame: int | None = None) -> tuple[StoredSlice, str]:
+def read_stored(src: Source, max_bytes: int, frame: int | None = None, j2k=None) -> tuple[StoredSlice, str]:  # noqa: ANN001
     """Read and decode one slice without rescaling (for DALI); returns (stored slice, SOPInstanceUID)."""
-    return _read(src, max_bytes, frame, decode_stored)
+    return _read(src, max_bytes, frame, lambda ds, fr: decode_stored(ds, fr, j2k))
 
 
 class _ParsedCache(threading.local):

@@ -59,6 +59,7 @@ __all__ = [
     "load_manifest",
     "versions",
     "now",
+    "j2k_summary",
 ]
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,9 @@ class RunOptions:
     compile: bool = False
     # Preprocessing: 'numpy' (in the decode workers) or 'dali' (one DALI graph, on the GPU if any).
     preprocess: str = "numpy"
+    # JPEG 2000 / HTJ2K decoder: 'cpu' (openjpeg), 'nvimgcodec' or 'dali' (GPU where bit-exact,
+    # else the CPU with the reason in run.json; engine/gpu_j2k.py).
+    j2k_decoder: str = "cpu"
     # Slices per inference call.
     batch_size: int = 16
     # Intra-op threads of the inference runtime (None: its default).
@@ -193,6 +197,8 @@ class _Scheduler:
         self.model_calls = 0
         # Third-party log records counted in decode worker processes (thirdparty_log).
         self.thirdparty_records = 0
+        # GPU JPEG 2000 outcomes over all workers: "gpu" or a fallback reason -> slices.
+        self.j2k_outcomes: Counter[str] = Counter()
         self.dali = None
         if options.preprocess == "dali":
             from spinelevel.engine.cuda import cuda_available
@@ -246,12 +252,15 @@ class _Scheduler:
                     max_bytes=self.options.scan.max_file_bytes,
                     preprocess=self.options.preprocess,
                     frames=tuple(slices[i].frame for i in idx),
+                    j2k_decoder=self.options.j2k_decoder,
+                    j2k_device=_device_index(self.options.device),
                 )
             )
         work.outstanding += len(order)
 
     def _receive(self, prepared: Prepared) -> None:
         self.thirdparty_records += prepared.thirdparty_records
+        self.j2k_outcomes.update(dict(prepared.j2k_outcomes))
         work = self.open[prepared.key]
         if work.error is not None:  # the series has failed: its slices are only counted off
             work.outstanding -= len(prepared.failures) + len(prepared.indices)
@@ -406,6 +415,10 @@ def check_run_inputs(paths: list[Path], options: RunOptions) -> list[Path]:
         raise InputError(f"--batch-size must be at least 1, got {options.batch_size}")
     if options.workers < 0:
         raise InputError(f"--workers must be 0 or more, got {options.workers}")
+    from spinelevel.engine.gpu_j2k import J2K_DECODERS
+
+    if options.j2k_decoder not in J2K_DECODERS:
+        raise InputError(f"--j2k-decoder must be one of {', '.join(J2K_DECODERS)}, got {options.j2k_decoder!r}")
     if options.worker_kind not in WORKER_KINDS:
         raise InputError(f"--worker-kind must be one of {', '.join(WORKER_KINDS)}, got {options.worker_kind!r}")
     if options.rows_per_part < 1:
@@ -443,6 +456,7 @@ def manifest_entry(run_id: str, started_at: str, model: Path, model_sha: str, ca
             "cuda_graphs": options.cuda_graphs,
             "compile": options.compile,
             "preprocess": options.preprocess,
+            "j2k_decoder": options.j2k_decoder,
             "force": options.force,
             "scan": asdict(options.scan),
             "select": asdict(options.select),
@@ -585,7 +599,7 @@ def run(paths: list[Path], model: Path, out: Path, options: RunOptions = RunOpti
     started_at = now()
     run_id = new_run_id()
 
-    from spinelevel.engine.cuda import choose_backend
+    from spinelevel.engine.backends import choose_backend
     from spinelevel.models import resolve_model
 
     if options.preprocess not in ("numpy", "dali"):
@@ -611,6 +625,27 @@ def run(paths: list[Path], model: Path, out: Path, options: RunOptions = RunOpti
             return _run_locked(paths, model, out, options, progress, card, backend, choice, model_sha, mode, run_id, started, started_at)
         finally:
             backend.close()
+
+
+def _device_index(device: str | None) -> int:
+    """"cuda:1" -> 1; None, "cuda", "cpu" -> 0."""
+    if not device or ":" not in str(device):
+        return 0
+    try:
+        return int(str(device).split(":", 1)[1])
+    except ValueError:
+        return 0
+
+
+def j2k_summary(options: RunOptions, outcomes: Counter) -> dict:
+    """run.json's ``j2k_decode``: the decoder asked for, slices decoded on the GPU, CPU fallbacks by reason."""
+    from spinelevel.engine.gpu_j2k import GPU_DECODED
+
+    return {
+        "decoder": options.j2k_decoder,
+        "gpu_slices": int(outcomes.get(GPU_DECODED, 0)),
+        "cpu_fallback": {reason: int(n) for reason, n in sorted(outcomes.items()) if reason != GPU_DECODED},
+    }
 
 
 def _on_gpu(backend: Backend) -> bool:
@@ -667,6 +702,7 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
             model_calls=scheduler.model_calls if scheduler is not None else 0,
             # warnings of pydicom and the decoders (values dropped; --verbose shows them redacted)
             third_party_log_records=thirdparty_log.record_count() - records_before + (scheduler.thirdparty_records if scheduler is not None else 0),
+            j2k_decode=j2k_summary(options, scheduler.j2k_outcomes if scheduler is not None else Counter()),
         )
         try:
             write_json_atomic(out / "run.json", manifest)

@@ -328,7 +328,7 @@ def _quiet_data_context() -> None:
 
 def _choose(model: Path, options: RunOptions, ray_options: RayOptions) -> Any:
     """The backend choice, made where the model will run (a GPU worker when G > 0)."""
-    from spinelevel.engine.cuda import BackendChoice, choose_backend
+    from spinelevel.engine.backends import BackendChoice, choose_backend
 
     if ray_options.gpus_per_worker > 0:
         import ray

@@ -60,6 +60,10 @@ class DecodeTask:
     preprocess: str = "numpy"
     # 1-based frame per slice for frames of multi-frame files (None: single-frame file); () = all None.
     frames: tuple[int | None, ...] = ()
+    # JPEG 2000 / HTJ2K decoder: 'cpu', 'nvimgcodec' or 'dali' (GPU, exact or CPU fallback; gpu_j2k).
+    j2k_decoder: str = "cpu"
+    # CUDA device of a GPU JPEG 2000 decoder.
+    j2k_device: int = 0
 
 
 @dataclass(frozen=True)
@@ -78,14 +82,38 @@ class Prepared:
     # Log records of the DICOM libraries in the worker process while it ran this task (values
     # dropped, see thirdparty_log); 0 when the task ran in the main process, which counts its own.
     thirdparty_records: int = 0
+    # GPU JPEG 2000 path: (outcome, slices) pairs, outcome "gpu" or the reason for a CPU fallback.
+    j2k_outcomes: tuple[tuple[str, int], ...] = ()
 
 
 def _empty(spec: PreprocessSpec) -> np.ndarray:
     return np.empty((0, len(spec.windows), *spec.input_size), dtype=np.float32)
 
 
+class _J2kPaths:
+    """This process's GPU JPEG 2000 paths, made on first use (a decoder holds a CUDA context)."""
+
+    def __init__(self) -> None:
+        self.paths: dict[tuple[str, int], object] = {}
+
+    def get(self, decoder: str, device: int):  # noqa: ANN201 - GpuJ2kPath | None
+        if decoder == "cpu":
+            return None
+        key = (decoder, device)
+        if key not in self.paths:
+            from spinelevel.engine.gpu_j2k import make_path
+
+            self.paths[key] = make_path(decoder, device)
+        return self.paths[key]
+
+
+_J2K_PATHS = _J2kPaths()
+
+
 def prepare(task: DecodeTask) -> Prepared:
     """Read, decode and preprocess the slices of one task; failures are recorded, never raised."""
+    j2k = _J2K_PATHS.get(task.j2k_decoder, task.j2k_device)
+    j2k_before = dict(j2k.outcomes) if j2k is not None else {}
     ok: list[int] = []
     arrays: list[np.ndarray] = []
     packed: list = []
@@ -103,12 +131,12 @@ def prepare(task: DecodeTask) -> Prepared:
             if task.preprocess == "dali":
                 from spinelevel.engine.dali import pack_slice
 
-                stored, found_sop = read_stored(src, task.max_bytes, frame)
+                stored, found_sop = read_stored(src, task.max_bytes, frame, j2k)
                 if found_sop != sop:
                     raise DecodeError("file changed since it was scanned (SOPInstanceUID differs)")
                 packed.append(pack_slice(stored.raw, stored.slope, stored.intercept, stored.padding))
             else:
-                hu, found_sop = read_hu(src, task.max_bytes, frame)
+                hu, found_sop = read_hu(src, task.max_bytes, frame, j2k)
                 if found_sop != sop:
                     raise DecodeError("file changed since it was scanned (SOPInstanceUID differs)")
                 arrays.append(preprocess_slice(hu, task.spec))
@@ -121,7 +149,8 @@ def prepare(task: DecodeTask) -> Prepared:
             failures.append((index, f"unexpected error while decoding ({type(exc).__name__}: {exc})"))
     array = np.stack(arrays) if arrays else _empty(task.spec)
     records = thirdparty_log.record_count() - records_before if in_child else 0
-    return Prepared(task.key, tuple(ok), array, tuple(failures), tuple(packed), records)
+    outcomes = tuple((k, n - j2k_before.get(k, 0)) for k, n in j2k.outcomes.items() if n > j2k_before.get(k, 0)) if j2k is not None else ()
+    return Prepared(task.key, tuple(ok), array, tuple(failures), tuple(packed), records, outcomes)
 
 
 def _warm_up() -> int:

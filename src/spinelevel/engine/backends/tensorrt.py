@@ -1,21 +1,36 @@
 """TensorRT backend: a serialized FP16 engine run with named tensors on explicit CUDA streams.
 
-Two slots (each an execution context, a stream, pinned host and device buffers and an event) take
+Two slots (each an execution context, a stream, pinned host and device buffers and events) take
 alternate chunks of a batch, so one chunk's host->device copy and output copy overlap the other's
-compute. Optional CUDA graphs are captured per slot and batch size on first use. ``infer`` accepts
-host arrays and device arrays (``__cuda_array_interface__``: DALI, CuPy, torch), the latter bound to
-the engine input without a copy.
+compute. ``infer`` accepts host arrays and device arrays (``__cuda_array_interface__``: DALI, CuPy,
+torch), the latter bound to the engine input without a copy when its address is aligned.
 
-API used (TensorRT 10.x and 11.x, identical there): ``trt.Runtime.deserialize_cuda_engine``,
-``ICudaEngine.num_io_tensors/get_tensor_name/get_tensor_mode/get_tensor_dtype/
-get_tensor_profile_shape``, ``IExecutionContext.set_input_shape/set_tensor_address/
-execute_async_v3(stream_handle)``. CUDA through :mod:`spinelevel.engine.cuda` (cuda-python).
+Rules followed (TensorRT 10.13 / 11.1 headers and Python docstrings, trtexec's sources):
+
+* ``set_input_shape``, ``set_tensor_address`` and ``execute_async_v3`` return a bool; each is checked.
+* Tensor addresses need 256-byte alignment (``IExecutionContext::setTensorAddress``): a chunk of a
+  foreign device array that starts unaligned is copied into the slot's own (cudaMalloc, aligned) buffer.
+* CUDA graphs: one plain enqueue with the new shape before capture (TensorRT does its shape-change
+  work there, which must not be captured); a capture whose ``execute_async_v3`` fails is ended and
+  the slot falls back to plain enqueues (trtexec: ``endCaptureOnError``). A graph is only replayed
+  while the context still has the shape it was captured with: a chunk of another size runs plain, and
+  the next full chunk recaptures. Graphs are used for full chunks (``max_batch`` rows) only.
+* Slot streams are non-blocking, so they do not wait for the legacy default stream. A device array
+  whose interface names no stream (version 2, e.g. torch) is ordered after the legacy default stream
+  by an event; a v3 ``stream`` entry (1 legacy, 2 per-thread, else a handle) is waited on the same
+  way; ``stream: None`` means the producer needs no synchronisation (CUDA Array Interface v3).
+  DALI's ``Pipeline.run()`` returns after its work is done, so DALI output is safe either way.
+* The current CUDA device is per host thread: it is set in ``__init__`` and again in ``infer``.
+
+API used: ``trt.Runtime.deserialize_cuda_engine``, ``ICudaEngine.num_io_tensors/get_tensor_name/
+get_tensor_mode/get_tensor_dtype/get_tensor_profile_shape``, ``IExecutionContext.set_input_shape/
+set_tensor_address/execute_async_v3(stream_handle)``. CUDA through :mod:`spinelevel.engine.cuda`.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +61,8 @@ class TensorRTOptions:
 
 def unavailable_reason() -> str | None:
     """What is missing for this backend here, or None when it can run."""
-    from spinelevel.builders.tensorrt import tensorrt_available
     from spinelevel.engine import cuda
+    from spinelevel.engine.backends.trt_compat import tensorrt_available
 
     missing = []
     if not tensorrt_available():
@@ -64,8 +79,8 @@ def is_available() -> bool:
 
     A missing GPU or driver is reported by :func:`unavailable_reason` and by the backend itself.
     """
-    from spinelevel.builders.tensorrt import tensorrt_available
     from spinelevel.engine import cuda
+    from spinelevel.engine.backends.trt_compat import tensorrt_available
 
     return tensorrt_available() and cuda.cuda_python_available()
 
@@ -81,7 +96,14 @@ class _Slot:
     host_out: Any
     dev_out: Any
     done: Any
-    graphs: dict[int, Any] = field(default_factory=dict)
+    # Orders the slot's stream after the producer of a foreign device array.
+    ready: Any = None
+    # The CUDA graph of a full chunk, valid while the context keeps the shape it was captured with.
+    graph: Any = None
+    # Rows of the input shape the context last really executed with (None: never ran).
+    context_rows: int | None = None
+    # A capture failed on this slot: plain enqueues from now on.
+    graph_failed: bool = False
     # (output slice of the caller's result, rows) waiting for `done`.
     pending: tuple[np.ndarray, int] | None = None
 
@@ -92,8 +114,8 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(self, engine_path: Path, card: ModelCard, options: TensorRTOptions = TensorRTOptions()) -> None:
-        from spinelevel.builders.tensorrt import check_engine_compatible, engine_info
         from spinelevel.engine import cuda
+        from spinelevel.engine.backends.trt_compat import check_engine_compatible, engine_info
 
         reason = unavailable_reason()
         if reason is not None:
@@ -103,7 +125,7 @@ class TensorRTBackend:
         self.card = card
         self._cuda = cuda
         self._options = options
-        cuda.check(cuda.runtime().cudaSetDevice(options.device), "cudaSetDevice")
+        cuda.set_device(options.device)
         gpu = cuda.gpu_info(options.device)
         check_engine_compatible(Path(engine_path), engine_info(card, Path(engine_path)), str(trt.__version__), gpu.name, gpu.compute_capability)
         self._logger = trt.Logger(trt.Logger.WARNING)
@@ -147,6 +169,7 @@ class TensorRTBackend:
             host_out=host_out,
             dev_out=cuda.DeviceBuffer(host_out.nbytes),
             done=cuda.Event(),
+            ready=cuda.Event(),
         )
 
     def _finish(self, slot: _Slot) -> None:
@@ -163,33 +186,62 @@ class TensorRTBackend:
         target[:] = result
         slot.pending = None
 
+    def _bind(self, ctx: Any, name: str, ptr: int) -> None:
+        if int(ptr) % self._cuda.TENSOR_ALIGNMENT:
+            raise ModelError(f"TensorRT tensor {name!r} at address {int(ptr):#x} is not {self._cuda.TENSOR_ALIGNMENT}-byte aligned")
+        if not ctx.set_tensor_address(name, int(ptr)):
+            raise ModelError(f"TensorRT refused the address of tensor {name!r} (see the TensorRT messages above)")
+
     def _enqueue(self, slot: _Slot, rows: int, input_ptr: int | None) -> None:
         """Queue compute (and the output copy) of ``rows`` rows on the slot's stream.
 
         ``input_ptr`` None: the input is already in the slot's device buffer (fixed address, so a
-        CUDA graph may replay it); otherwise it is a foreign device pointer bound directly.
+        CUDA graph may replay it); otherwise it is a foreign, aligned device pointer bound directly.
         """
         ctx = slot.context
         if not ctx.set_input_shape(self._input, (rows, *self._chw)):
             raise ModelError(f"TensorRT refused input shape {(rows, *self._chw)} (outside the engine's profile)")
-        ctx.set_tensor_address(self._input, slot.dev_in.ptr if input_ptr is None else input_ptr)
-        ctx.set_tensor_address(self._output, slot.dev_out.ptr)
-        if self._options.cuda_graphs and input_ptr is None:
-            graph = slot.graphs.get(rows)
-            if graph is None:
-                # One plain enqueue first: TensorRT updates internal state on the first run with a new
-                # shape, which must not happen during capture (TensorRT developer guide, CUDA Graphs).
-                self._execute(ctx, slot)
-                graph = self._cuda.CudaGraph(slot.stream)
-                graph.begin()
-                self._execute(ctx, slot)
-                graph.end()
-                slot.graphs[rows] = graph
-            graph.launch()
+        self._bind(ctx, self._input, slot.dev_in.ptr if input_ptr is None else input_ptr)
+        self._bind(ctx, self._output, slot.dev_out.ptr)
+        use_graph = self._options.cuda_graphs and input_ptr is None and rows == self.max_batch and not slot.graph_failed
+        if use_graph and slot.graph is not None and slot.context_rows == rows:
+            slot.graph.launch()
         else:
+            if slot.graph is not None and slot.context_rows != rows:
+                # captured with another shape on this context: TensorRT's shape-change work would be skipped
+                slot.graph.close()
+                slot.graph = None
+            # A plain run: computes this chunk and, on a new shape, does TensorRT's shape-change work,
+            # which must happen before (not during) a capture.
             self._execute(ctx, slot)
+            slot.context_rows = rows
+            if use_graph and slot.graph is None:
+                slot.graph = self._capture(ctx, slot)
         slot.dev_out.copy_to_host_async(slot.host_out, rows * self._classes * self._out_dtype.itemsize, slot.stream)
         slot.done.record(slot.stream)
+
+    def _capture(self, ctx: Any, slot: _Slot) -> Any:
+        """Capture one enqueue as a CUDA graph; None (and plain enqueues from then on) when that fails."""
+        graph = self._cuda.CudaGraph(slot.stream)
+        graph.begin()
+        captured = False
+        try:
+            captured = bool(ctx.execute_async_v3(slot.stream.ptr))
+        finally:
+            # the capture is always ended, or the stream would stay capturing
+            if captured:
+                try:
+                    graph.end()
+                except Exception:
+                    graph.abort()
+                    captured = False
+            else:
+                graph.abort()
+        if not captured:
+            slot.graph_failed = True
+            log.warning("TensorRT engine could not be captured as a CUDA graph (operations not permitted under capture); running without CUDA graphs")
+            return None
+        return graph
 
     @staticmethod
     def _execute(ctx: Any, slot: _Slot) -> None:
@@ -199,9 +251,11 @@ class TensorRTBackend:
     def infer(self, batch: Any) -> np.ndarray:
         """(n, C, H, W) host array or device array -> (n, classes) float32 probabilities.
 
-        A device array must be C-contiguous with the engine's input dtype (float32) and ready to
-        read (its producer's stream, when it names one in the interface, is synchronised first).
+        A device array must be C-contiguous with the engine's input dtype (float32); the engine's
+        work is ordered after its producer's stream (the legacy default stream when the interface
+        names none).
         """
+        self._cuda.set_device(self._options.device)  # the current device is per host thread
         if hasattr(batch, "__cuda_array_interface__"):
             return self._infer_device(batch)
         batch = np.asarray(batch)
@@ -223,16 +277,26 @@ class TensorRTBackend:
             self._finish(slot)
         return out
 
+    def _order_after_producer(self, iface: dict) -> None:
+        """Make both slot streams wait for the work that produced a device array (no host blocking)."""
+        cuda = self._cuda
+        if "stream" not in iface or int(iface.get("version", 2)) < 3:
+            producer: int | None = cuda.LEGACY_DEFAULT_STREAM  # v2 names no stream: assume the legacy default
+        else:
+            producer = iface["stream"]  # v3: None = no synchronisation needed; 1, 2 or a handle
+        if producer is None:
+            return
+        for slot in self._slots:
+            slot.stream.wait_for_stream(int(producer), slot.ready)
+
     def _infer_device(self, batch: Any) -> np.ndarray:
-        ptr, shape, dtype, contiguous = self._cuda.device_pointer(batch)
+        cuda = self._cuda
+        ptr, shape, dtype, contiguous = cuda.device_pointer(batch)
         if tuple(shape[1:]) != self._chw:
             raise ModelError(f"device batch shape {shape} does not match the engine input (N, {self._chw[0]}, {self._chw[1]}, {self._chw[2]})")
         if dtype != self._in_dtype or not contiguous:
             raise ModelError(f"device batch must be C-contiguous {self._in_dtype} (got {dtype}, contiguous={contiguous})")
-        producer = batch.__cuda_array_interface__.get("stream")
-        if producer not in (None, 0):
-            # Interface v3: the producer's stream; 1 and 2 are the legacy/per-thread default streams.
-            self._cuda.check(self._cuda.runtime().cudaStreamSynchronize(producer), "cudaStreamSynchronize (producer)")
+        self._order_after_producer(batch.__cuda_array_interface__)
         n = shape[0]
         out = np.empty((n, self._classes), dtype=np.float32)
         row_bytes = int(np.prod(self._chw)) * dtype.itemsize
@@ -242,8 +306,9 @@ class TensorRTBackend:
             self._turn ^= 1
             self._finish(slot)
             src = ptr + start * row_bytes
-            if self._options.cuda_graphs:
-                # Graphs replay fixed addresses: one device-to-device copy into the slot's buffer.
+            if self._options.cuda_graphs or src % cuda.TENSOR_ALIGNMENT:
+                # Graphs replay fixed addresses, and TensorRT needs 256-byte aligned tensors: one
+                # device-to-device copy into the slot's own buffer.
                 slot.dev_in.copy_from_device_async(src, rows * row_bytes, slot.stream)
                 self._enqueue(slot, rows, None)
             else:
@@ -257,9 +322,10 @@ class TensorRTBackend:
         """Release graphs, buffers, streams, contexts and the engine."""
         for slot in getattr(self, "_slots", []):
             slot.stream.synchronize()
-            for graph in slot.graphs.values():
-                graph.close()
-            for part in (slot.host_in, slot.dev_in, slot.host_out, slot.dev_out, slot.done, slot.stream):
+            if slot.graph is not None:
+                slot.graph.close()
+                slot.graph = None
+            for part in (slot.host_in, slot.dev_in, slot.host_out, slot.dev_out, slot.done, slot.ready, slot.stream):
                 part.close()
             slot.context = None
         self._slots = []

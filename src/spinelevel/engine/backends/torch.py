@@ -137,21 +137,27 @@ class TorchBackend:
         n = x.shape[0]
         entry = self._graphs.get(n)
         if entry is None:
-            static_in = torch.empty_like(x).copy_(x)
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # warm-up outside capture (cuDNN autotuning, allocations)
-                for _ in range(3):
-                    self._model(static_in)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = self._model(static_in)
+            # Warm-up and capture on this backend's GPU: torch.cuda.graph() captures on the current
+            # device's streams and torch.cuda.Stream() is made there, so on "cuda:1" both must run
+            # under torch.cuda.device (PyTorch CUDA semantics: "operations ... on the currently
+            # selected device"; the CUDA graphs notes capture on a side stream after warm-up).
+            with torch.cuda.device(self.device):
+                static_in = torch.empty_like(x).copy_(x)
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):  # warm-up outside capture (cuDNN autotuning, allocations)
+                    for _ in range(3):
+                        self._model(static_in)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    static_out = self._model(static_in)
             entry = self._graphs[n] = (graph, static_in, static_out)
         graph, static_in, static_out = entry
-        static_in.copy_(x)
-        graph.replay()
-        return static_out.clone()
+        with torch.cuda.device(self.device):
+            static_in.copy_(x)
+            graph.replay()
+            return static_out.clone()
 
     def to_device(self, batch: Any) -> Any:
         """A host array or tensor -> the model's device, dtype and memory format."""
