@@ -8,7 +8,8 @@ Stages (each reuses what an earlier one left in --work):
    160 px, then 128 px on growing data), each resumable;
 3. ``export``: best checkpoint -> ONNX with card, parity-checked against PyTorch;
 4. ``evaluate``: ``spinelevel run`` + ``spinelevel evaluate`` on the test studies with the real
-   engine, then MODEL_CARD.md is written with the measured numbers.
+   engine, ``scripts/real_ct_eval.py`` on the public real CT with vertebra labels (validation only,
+   never training), then MODEL_CARD.md is written with the measured numbers.
 
 Usage::
 
@@ -59,11 +60,12 @@ RECIPE = {
         {"name": "run128b", "input_size": 128, "epochs": 6, "samples_per_epoch": 2000, "max_val_slices": 300, "init": "run/best.safetensors", "lr": 5e-4, "data": ["train"]},
         {"name": "run128c", "input_size": 128, "epochs": 16, "samples_per_epoch": 4000, "max_val_slices": 600, "init": "run128b/best.safetensors", "lr": 5e-4, "data": ["train", "train2", "train3"]},
         # Towards real CT (issue: a bundled model that finds L3 on real CT): preprocessing version 2
-        # (non-square slices padded to a square with air) and domain randomisation (field-of-view
+        # (every slice cropped or padded to a fixed 400 mm field of view by its PixelSpacing, so
+        # anatomy has one scale whatever the reconstruction) and domain randomisation (field-of-view
         # crops, HU scale/shift, blur/sharpen, noise, zoom +-25 %), BatchNorm frozen. The shipped model
         # was initialised from the shipped version-1 ONNX (run128c's best, BatchNorm folded; the same
         # function), which `init_onnx` names for a rerun that has no run128c checkpoint.
-        {"name": "v2ft", "input_size": 128, "epochs": 10, "samples_per_epoch": 3000, "max_val_slices": 600, "init": "run128c/best.safetensors", "init_onnx": "levels_demo_v1.onnx", "lr": 3e-4, "data": ["ft"], "preprocess": 2, "augment": "domain", "freeze_bn": True},
+        {"name": "v2ft", "input_size": 128, "epochs": 12, "samples_per_epoch": 3000, "max_val_slices": 600, "init": "run128c/best.safetensors", "init_onnx": "levels_demo_v1.onnx", "lr": 3e-4, "data": ["ft"], "preprocess": 2, "fov_mm": 400.0, "augment": "domain", "freeze_bn": True},
     ],
 }
 
@@ -99,7 +101,7 @@ def stage_train(work: Path) -> None:
             "--class-weights", RECIPE["class_weights"], "--val-fraction", str(RECIPE["val_fraction"]),
             "--max-val-slices", str(phase["max_val_slices"]), "--seed", str(RECIPE["seed"]),
         ]
-        args += ["--preprocess", str(phase.get("preprocess", 1)), "--augment", phase.get("augment", "paper")]
+        args += ["--preprocess", str(phase.get("preprocess", 1)), "--fov-mm", str(phase.get("fov_mm", 400.0)), "--augment", phase.get("augment", "paper")]
         if phase.get("freeze_bn"):
             args.append("--freeze-bn")
         init = work / phase["init"] if phase["init"] else None
@@ -125,10 +127,15 @@ def stage_evaluate(work: Path) -> None:
     _spinelevel("evaluate", str(work / "test-run"), "--labels", str(work / "test" / "labels.parquet"), "--vertebrae", str(work / "test" / "vertebrae.parquet"), "--out", str(work / "test-eval"))
     metrics = json.loads((work / "test-eval" / "metrics.json").read_text())
     run_json = json.loads((work / "test-run" / "run.json").read_text())
-    _write_model_card(work, metrics, run_json, run_s)
+    real = work / "real-ct-eval"
+    shutil.rmtree(real, ignore_errors=True)
+    cmd = [sys.executable, str(ROOT / "scripts" / "real_ct_eval.py"), "--model", str(model), "--out", str(real)]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    _write_model_card(work, metrics, run_json, run_s, (real / "results.md").read_text())
 
 
-def _write_model_card(work: Path, metrics: dict, run_json: dict, run_s: float) -> None:
+def _write_model_card(work: Path, metrics: dict, run_json: dict, run_s: float, real_ct: str) -> None:
     from spinelevel.card import file_sha256, read_card
 
     model = MODEL_DIR / "levels_demo.onnx"
@@ -141,6 +148,8 @@ def _write_model_card(work: Path, metrics: dict, run_json: dict, run_s: float) -
     phases = "\n".join(
         f"  - `{p['name']}`: {p['epochs']} epoch(s) of {p['samples_per_epoch']} random training slices at {p['input_size']} px, lr {p.get('lr', RECIPE['lr'])}, "
         + (f"initialised from `{p['init']}`" if p["init"] else "from scratch (no ImageNet weights on this machine)")
+        + (f" (here: from `{p['init_onnx']}`, the shipped export of that checkpoint)" if p.get("init_onnx") and not (work / p["init"]).is_file() else "")
+        + (f", data {', '.join(p['data'])}, preprocessing {p.get('preprocess', 1)}, augmentation {p.get('augment', 'paper')}" + (", BatchNorm frozen" if p.get("freeze_bn") else ""))
         + f", validation on {p['max_val_slices']} evenly spaced slices of the held-out studies"
         for p in RECIPE["phases"]
     )
@@ -154,17 +163,19 @@ def _write_model_card(work: Path, metrics: dict, run_json: dict, run_s: float) -
     rows = "\n".join(f"| {c} | {pc[c]['precision']:.3f} | {pc[c]['recall']:.3f} | {pc[c]['support']} |" for c in card.classes)
     text = f"""# Demo model: `levels_demo.onnx`
 
-**This model knows phantoms, not patients.** It was trained only on the procedural CT phantoms of
-`spinelevel phantom` and says nothing about real CT. It exists so that `spinelevel run --model demo`,
-`make demo` and the tests show the whole system working on a fresh machine. For real data, train
-on labelled CT (`spinelevel train`, the paper's recipe) and export your own model.
+**Trained on phantoms only; measured on very little real CT.** It was trained only on the procedural
+CT phantoms of `spinelevel phantom` (with domain randomisation towards real CT) and validated on the
+few public real CT scans with vertebra labels reachable here (section "Real CT" below: three
+patients, one whole-trunk scan, labels from TotalSegmentator). That is not evidence of clinical
+accuracy: check its picks on your data (`spinelevel report`), and for real studies train on labelled
+CT (`spinelevel train`, the paper's recipe) and export your own model.
 
 ## Model
 
 | | |
 | --- | --- |
 | architecture | `{card.extra.get('architecture')}` (timm, `exportable=True`), from scratch (no ImageNet weights) |
-| input | {card.input_size[0]} x {card.input_size[1]}, windows {[list(w) for w in card.windows]} (center, width HU) |
+| input | {card.input_size[0]} x {card.input_size[1]}, windows {[list(w) for w in card.windows]} (center, width HU), preprocessing version {card.preprocess} ({f'every slice cropped or padded to a {card.fov_mm:g} mm field of view by its PixelSpacing, then resized' if card.preprocess >= 2 else 'slices resized as they are'}) |
 | classes | {', '.join(card.classes)} |
 | output | {card.output} (softmax inside the graph) |
 | file | {model.stat().st_size / 1e6:.1f} MB, sha256 `{file_sha256(model)}` |
@@ -178,7 +189,10 @@ on labelled CT (`spinelevel train`, the paper's recipe) and export your own mode
   split by study: {RECIPE['val_fraction']:.0%} of studies for validation ({tr.get('val_slices')} validation slices used).
 - Recipe: Adam lr {RECIPE['lr']} ({RECIPE['schedule']} schedule per phase), batch {RECIPE['batch_size']}, cross-entropy
   with `{RECIPE['class_weights']}` class weights, augmentation by rotation (+-10 deg), zoom (+-10 %), vertical and
-  horizontal flips; seed {RECIPE["seed"]} (split, initialisation, sampling, augmentation). Phases, each initialised from the one before:
+  horizontal flips; seed {RECIPE["seed"]} (split, initialisation, sampling, augmentation). The last phase adds
+  domain randomisation (`spinelevel train --augment domain`: field-of-view crops to non-square slices, HU scale
+  +-5 % and shift +-30 HU, blur or sharpening up to sigma 1.2 px, noise up to 20 HU, zoom +-25 %), preprocessing
+  version 2 (a fixed 400 mm field of view) and frozen BatchNorm. Phases, each initialised from the one before:
 {phases}
 - Last phase: {last_done} of {last['epochs']} planned epochs done{' (stopped early for time on shared CPUs; rerun the train stage to finish it, it resumes)' if last_done != last['epochs'] else ''}; the exported checkpoint is its best epoch.
 - Best epoch of the last phase by validation loss: {tr.get('best_epoch')} (val loss {tr.get('best_val_loss')}, val accuracy {tr.get('best_val_acc')}).
@@ -208,6 +222,10 @@ History (history.csv):
 | class | precision | recall | support |
 | --- | --- | --- | --- |
 {rows}
+
+## Real CT (scripts/real_ct_eval.py; validation only, never used for training or model selection)
+
+{real_ct.split(chr(10), 1)[1] if real_ct.startswith('#') else real_ct}
 """
     (MODEL_DIR / "MODEL_CARD.md").write_text(text, encoding="utf-8")
     print(text)

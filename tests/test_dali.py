@@ -89,16 +89,16 @@ def test_cpu_graph_maps_out_of_fov_values_to_air() -> None:
 
 
 @pytest.mark.skipif(not dali.dali_available(), reason="nvidia-dali-cuda130 is not installed")
-@pytest.mark.parametrize("shape", [(30, 50), (51, 20), (40, 40)], ids=["wide", "tall", "square"])
-def test_cpu_graph_matches_numpy_with_square_padding(shape: tuple[int, int]) -> None:
+@pytest.mark.parametrize(("shape", "spacing"), [((30, 50), (3.0, 3.0)), ((51, 20), (2.0, 5.0)), ((90, 90), (1.0, 1.0)), ((40, 40), None)], ids=["pad", "anisotropic", "crop", "no-spacing"])
+def test_cpu_graph_matches_numpy_with_a_fixed_field_of_view(shape: tuple[int, int], spacing: tuple[float, float] | None) -> None:
     from dataclasses import replace
 
-    spec = replace(SPEC, square=True)  # card preprocessing version 2
+    spec = replace(SPEC, fov_mm=120.0)  # card preprocessing version 2
     rng = np.random.default_rng(shape[0])
     raws = [rng.integers(-1500, 2500, size=shape).astype(np.int16) for _ in range(2)]
     pre = dali.DaliPreprocessor(spec, dali.DaliOptions(device="cpu", batch_size=2, num_threads=1))
-    out = pre.run([dali.pack_slice(r, 1.0, -24.0) for r in raws])
+    out = pre.run([dali.pack_slice(r, 1.0, -24.0, spacing=spacing) for r in raws])
     for i in range(2):
-        ref = preprocess_slice(hu_from_stored(raws[i], 1.0, -24.0), spec)
+        ref = preprocess_slice(hu_from_stored(raws[i], 1.0, -24.0), spec, spacing)
         assert np.abs(out[i] - ref).max() <= TOLERANCE * 255 / 40
     pre.close()

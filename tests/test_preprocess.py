@@ -103,23 +103,37 @@ def test_version_1_cards_keep_the_stretching_resize() -> None:
     assert np.array_equal(preprocess_slice(hu, spec), expected)
 
 
-def test_version_2_pads_to_a_centred_air_square() -> None:
+def test_version_2_crops_or_pads_to_a_fixed_field_of_view() -> None:
     from spinelevel.card import ModelCard
-    from spinelevel.engine.preprocess import PreprocessSpec, pad_square, preprocess_slice
+    from spinelevel.engine.preprocess import PreprocessSpec, fit_fov, fov_box, preprocess_slice
 
-    card = ModelCard(input_size=(16, 16), windows=((40.0, 400.0), (-600.0, 1500.0)), mean=(0.0, 0.0), std=(1.0, 1.0), preprocess=2)
-    assert card.to_dict()["preprocess"] == 2 and ModelCard.from_dict(card.to_dict()).preprocess == 2
+    card = ModelCard(input_size=(16, 16), windows=((40.0, 400.0), (-600.0, 1500.0)), mean=(0.0, 0.0), std=(1.0, 1.0), preprocess=2, fov_mm=400.0)
+    assert card.to_dict()["preprocess"] == 2 and card.to_dict()["fov_mm"] == 400.0
+    assert ModelCard.from_dict(card.to_dict()) == card
     spec = PreprocessSpec.from_card(card)
-    assert spec.square
-    hu = np.full((3, 6), 40.0, np.float32)
-    padded = pad_square(hu)
-    assert padded.shape == (6, 6)
-    assert (padded[:1] == -1000).all() and (padded[4:] == -1000).all() and (padded[1:4] == 40).all()  # (6-3)//2 = 1 row above
-    tall = np.full((7, 4), 40.0, np.float32)
-    assert (pad_square(tall)[:, :1] == -1000).all() and (pad_square(tall)[:, 1:5] == 40).all()
-    square = np.zeros((5, 5), np.float32)
-    assert pad_square(square) is square
-    assert np.array_equal(preprocess_slice(hu, spec), preprocess_slice(padded, PreprocessSpec.from_card(ModelCard(input_size=(16, 16), windows=card.windows, mean=card.mean, std=card.std))))
+    assert spec.fov_mm == 400.0
+    # 300 mm wide (100 px of 3 mm) and 240 mm tall (80 px): padded with air to 400 mm, centred
+    hu = np.full((80, 100), 40.0, np.float32)
+    assert fov_box(80, 100, (3.0, 3.0), 400.0) == (133, 133, -27, -17)
+    out = fit_fov(hu, (3.0, 3.0), 400.0)
+    assert out.shape == (133, 133)
+    assert (out[27:107, 17:117] == 40.0).all() and out[:27].max() == -1000.0 and out[107:].max() == -1000.0
+    assert (out[:, :17] == -1000).all() and (out[:, 117:] == -1000).all()
+    # a 500 mm field of 512 px at 0.977 mm is cropped to its central 400 mm
+    big = np.zeros((512, 512), np.float32)
+    rows, cols, top, left = fov_box(512, 512, (0.9765625, 0.9765625), 400.0)
+    assert (rows, cols, top, left) == (410, 410, 51, 51) and fit_fov(big, (0.9765625, 0.9765625), 400.0).shape == (410, 410)
+    # non-square pixels: each axis by its own spacing
+    assert fov_box(100, 100, (2.0, 4.0), 400.0)[:2] == (200, 100)
+    # the same anatomy at two reconstruction diameters gives the same model input (up to resampling)
+    y, x = np.mgrid[0:256, 0:256]
+    disc = lambda n, mm: (np.hypot(*(np.mgrid[0:n, 0:n] - (n - 1) / 2) * mm) < 100.0).astype(np.float32) * 1040.0 - 1000.0  # noqa: E731
+    a = preprocess_slice(disc(256, 500 / 256), spec, (500 / 256, 500 / 256))
+    b = preprocess_slice(disc(180, 350 / 180), spec, (350 / 180, 350 / 180))
+    assert np.abs(a - b).mean() < 0.02
+    # without a PixelSpacing: the square that holds the slice
+    assert fov_box(80, 100, None, 400.0) == (100, 100, -10, 0)
+    del y, x
 
 
 def test_unknown_preprocessing_version_is_refused() -> None:

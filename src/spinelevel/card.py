@@ -57,9 +57,11 @@ class ModelCard:
     # "probabilities" (softmax already applied) or "logits".
     output: str = "probabilities"
     # Version of the preprocessing the model was trained with (engine/preprocess.py): 1 (cards
-    # without the field) resizes the slice as it is; 2 first pads it to a square with air, so
-    # non-square slices keep their aspect ratio.
+    # without the field) resizes the slice as it is; 2 first crops or pads it, by its PixelSpacing,
+    # to a fixed square field of view of fov_mm, so anatomy has one scale in every series.
     preprocess: int = 1
+    # Preprocessing version 2: the field of view in mm (ignored by version 1).
+    fov_mm: float = 400.0
     # Anything else the card carried (architecture, provenance, hashes): kept and written back.
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
@@ -86,6 +88,8 @@ class ModelCard:
             raise CardError(f"card scale {self.scale} must be finite and non-zero")
         if self.output not in ("probabilities", "logits"):
             raise CardError(f"card output {self.output!r} must be 'probabilities' or 'logits'")
+        if not (math.isfinite(self.fov_mm) and 50.0 <= self.fov_mm <= 2000.0):
+            raise CardError(f"card fov_mm {self.fov_mm} must be between 50 and 2000 mm")
         if self.preprocess not in PREPROCESS_VERSIONS:
             raise CardError(f"card preprocess {self.preprocess!r} is not a preprocessing version this spinelevel knows ({', '.join(map(str, PREPROCESS_VERSIONS))}); a newer spinelevel made this model")
 
@@ -108,6 +112,7 @@ class ModelCard:
         }
         if self.preprocess != 1:  # cards of version-1 models stay as they were
             out["preprocess"] = int(self.preprocess)
+            out["fov_mm"] = float(self.fov_mm)
         for key, value in self.extra.items():
             out.setdefault(key, value)
         return out
@@ -139,6 +144,7 @@ class ModelCard:
                 std=tuple(float(v) for v in data.get("std", [1.0] * n)),
                 output=str(data.get("output", "probabilities")),
                 preprocess=_int_field(data.get("preprocess", 1), "preprocess"),
+                fov_mm=float(data.get("fov_mm", 400.0)),
                 extra={k: v for k, v in data.items() if k not in known and k != "format"},
             )
         except CardError as exc:

@@ -99,8 +99,10 @@ def parity_slices(card: ModelCard, data: Sequence[Path] = (), n: int = 16, seed:
     """
     spec = PreprocessSpec.from_card(card)
     hus: list[np.ndarray] = []
+    spacings: list[tuple[float, float] | None] = []
     if data:
-        hus = _data_slices(list(data), n)
+        pairs = _data_slices(list(data), n)
+        hus, spacings = [h for h, _ in pairs], [sp for _, sp in pairs]
         if not hus:
             raise InputError(f"no CT slices found in {', '.join(map(str, data))} for the parity check")
     else:
@@ -110,31 +112,33 @@ def parity_slices(card: ModelCard, data: Sequence[Path] = (), n: int = 16, seed:
         anatomy = Anatomy(spec_study)
         z = spec_study.series[0].z
         hus = [anatomy.render(float(zz)) for zz in z[np.linspace(0, len(z) - 1, n).round().astype(int)]]
-    return preprocess_batch(hus, spec)
+        spacings = [(spec_study.pixel_spacing, spec_study.pixel_spacing)] * len(hus)
+    return preprocess_batch(hus, spec, spacings)
 
 
-def _data_slices(paths: list[Path], n: int) -> list[np.ndarray]:
+def _data_slices(paths: list[Path], n: int) -> list[tuple[np.ndarray, tuple[float, float] | None]]:
     from spinelevel.engine.decode import read_hu
     from spinelevel.engine.scan import scan_paths
     from spinelevel.engine.select import SelectOptions, select_series
-    from spinelevel.training.data import find_nifti_cases
+    from spinelevel.training.data import find_nifti_cases, nifti_spacing
     from spinelevel.training.labels import canonical_volume, volume_slice
 
-    out: list[np.ndarray] = []
+    out: list[tuple[np.ndarray, tuple[float, float] | None]] = []
     for case in sorted({c for p in paths for c in find_nifti_cases(p)}):
         ct = case / "ct.nii.gz" if (case / "ct.nii.gz").is_file() else case / "ct.nii"
-        vol, _ = canonical_volume(ct)
+        vol, affine = canonical_volume(ct)
         vol = np.asarray(vol, dtype=np.float32)
         ks = np.linspace(0, vol.shape[2] - 1, max(1, n // 2)).round().astype(int)
-        out.extend(volume_slice(vol, int(k)) for k in ks)
+        out.extend((volume_slice(vol, int(k)), nifti_spacing(affine)) for k in ks)
     plans = select_series(scan_paths(paths), SelectOptions(min_slices=1)).plans
-    refs = [s for plan in plans for s in plan.slices]
+    refs = [(s, plan.pixel_spacing) for plan in plans for s in plan.slices]
     if refs:
         for i in np.unique(np.linspace(0, len(refs) - 1, n).round().astype(int)):
+            ref, spacing = refs[int(i)]
             try:
-                out.append(read_hu(refs[int(i)].source, 1 << 30)[0])
+                out.append((read_hu(ref.source, 1 << 30, ref.frame)[0], spacing))
             except Exception as exc:  # a bad file is not the export's problem; use the others
-                log.warning("parity slice %s unreadable: %s", refs[int(i)].source.label, exc)
+                log.warning("parity slice %s unreadable: %s", ref.source.label, exc)
     return out[: max(n, 1)] if len(out) > n else out
 
 

@@ -5,7 +5,7 @@ through ``fn.external_source``: one int16 (H, W) slice per sample plus the per-s
 RescaleSlope/RescaleIntercept. The graph, parametrised by ``device`` ('cpu' or 'gpu'):
 
     raw int16 -> float HU = raw * slope + intercept -> HU below -1100 (out-of-FOV marks) = -1000
-    -> (preprocessing version 2) fn.slice to a centred square, padded with -1000
+    -> (preprocessing version 2) fn.slice to the fixed field of view, padded with -1000
     -> per window: clamp((HU - (center - width/2)) / width, 0, 1) * scale -> stack to HWC
     -> fn.resize(interp_type=INTERP_LINEAR, antialias=False) to input_size
     -> fn.crop_mirror_normalize(mean, std, output_layout="CHW") -> (C, h, w) float32
@@ -104,9 +104,11 @@ class PackedSlice:
     # HU = raw * slope + intercept.
     slope: float
     intercept: float
+    # PixelSpacing (row mm, column mm), for preprocessing version 2; None when unknown.
+    spacing: tuple[float, float] | None = None
 
 
-def pack_slice(raw: np.ndarray, slope: float = 1.0, intercept: float = 0.0, padding: np.ndarray | None = None) -> PackedSlice:
+def pack_slice(raw: np.ndarray, slope: float = 1.0, intercept: float = 0.0, padding: np.ndarray | None = None, spacing: tuple[float, float] | None = None) -> PackedSlice:
     """Stored pixel values -> an int16 slice with the slope/intercept that give the same HU.
 
     uint16 storage is shifted by -32768 with ``intercept += 32768 * slope`` (exact); padding pixels
@@ -127,7 +129,7 @@ def pack_slice(raw: np.ndarray, slope: float = 1.0, intercept: float = 0.0, padd
     if padding is not None and padding.any():
         air = int(np.clip(round((_AIR_HU - intercept) / slope), -32768, 32767))
         packed[padding] = air
-    return PackedSlice(np.ascontiguousarray(packed), slope, intercept)
+    return PackedSlice(np.ascontiguousarray(packed), slope, intercept, spacing)
 
 
 def j2k_on_gpu(pixel_representation: int, bits_allocated: int) -> bool:
@@ -177,10 +179,11 @@ def build_pipeline(spec: PreprocessSpec, options: DaliOptions = DaliOptions()) -
         hu = fn.cast(raw, dtype=types.FLOAT) * slope + intercept
         # out-of-field-of-view marks -> air, exactly: hu + 1 * (air - hu) is air in float32 here
         hu = hu + fn.cast(hu < _BELOW_AIR_HU, dtype=types.FLOAT) * (_AIR_HU - hu)
-        if spec.square:
-            # preprocessing version 2: centred in an air square (preprocess.square_offsets per sample)
-            start = fn.external_source(name="square_start", dtype=types.INT64, ndim=1, device="cpu")
-            shape = fn.external_source(name="square_shape", dtype=types.INT64, ndim=1, device="cpu")
+        if spec.fov_mm is not None:
+            # preprocessing version 2: the fixed field of view, cropped or padded with air
+            # (preprocess.fov_box per sample, from its PixelSpacing)
+            start = fn.external_source(name="fov_start", dtype=types.INT64, ndim=1, device="cpu")
+            shape = fn.external_source(name="fov_shape", dtype=types.INT64, ndim=1, device="cpu")
             hu = fn.slice(hu, start, shape, axes=[0, 1], out_of_bounds_policy="pad", fill_values=_AIR_HU)
         chans = []
         for center, width in spec.windows:
@@ -211,12 +214,12 @@ class DaliPreprocessor:
         self._pipe.feed_input("raw", [s.raw for s in slices])
         self._pipe.feed_input("slope", [np.float32(s.slope) for s in slices])
         self._pipe.feed_input("intercept", [np.float32(s.intercept) for s in slices])
-        if self.spec.square:
-            from spinelevel.engine.preprocess import square_offsets
+        if self.spec.fov_mm is not None:
+            from spinelevel.engine.preprocess import fov_box
 
-            boxes = [square_offsets(*s.raw.shape) for s in slices]
-            self._pipe.feed_input("square_start", [np.asarray([-top, -left], np.int64) for _, top, left in boxes])
-            self._pipe.feed_input("square_shape", [np.asarray([side, side], np.int64) for side, _, _ in boxes])
+            boxes = [fov_box(*s.raw.shape, s.spacing, self.spec.fov_mm) for s in slices]
+            self._pipe.feed_input("fov_start", [np.asarray([top, left], np.int64) for _, _, top, left in boxes])
+            self._pipe.feed_input("fov_shape", [np.asarray([rows, cols], np.int64) for rows, cols, _, _ in boxes])
         (out,) = self._pipe.run()
         return out
 

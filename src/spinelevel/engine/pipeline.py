@@ -252,6 +252,7 @@ class _Scheduler:
                     max_bytes=self.options.scan.max_file_bytes,
                     preprocess=self.options.preprocess,
                     frames=tuple(slices[i].frame for i in idx),
+                    spacing=work.plan.pixel_spacing,
                     j2k_decoder=self.options.j2k_decoder,
                     j2k_device=_device_index(self.options.device),
                 )

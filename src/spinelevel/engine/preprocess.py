@@ -2,10 +2,13 @@
 
 The card math (DESIGN.md 3.1), in this order:
 
-0. preprocessing version 2 only (card ``"preprocess": 2``): pad the slice to a square with air
-   (-1000 HU), centred (``(S - H) // 2`` rows above, the rest below; the same for columns), so the
-   resize keeps the aspect ratio of non-square slices (version 1, cards without the field, stretches
-   them; kept exactly as it was);
+0. preprocessing version 2 only (card ``"preprocess": 2``, ``"fov_mm"``): a fixed physical field
+   of view. The slice is cropped or padded with air (-1000 HU), centred, to ``fov_mm`` x ``fov_mm``
+   by its PixelSpacing (``fov_box``: ``round(fov_mm / spacing)`` pixels per axis, the offset
+   ``(H - rows) // 2``), so that the resize gives every series the same mm per pixel: anatomy has
+   one size whatever the reconstruction diameter or matrix, and non-square slices or pixels keep
+   their aspect. Without a PixelSpacing the slice is padded to a square instead. Version 1 (cards
+   without the field) resizes the slice as it is, exactly as before;
 1. one channel per HU window: ``clip((HU - (center - width / 2)) / width, 0, 1) * scale``;
 2. bilinear resize to ``input_size`` with half-pixel centres and no antialiasing (the convention of
    OpenCV ``INTER_LINEAR``, PyTorch ``interpolate(mode="bilinear", align_corners=False)`` and DALI
@@ -27,7 +30,7 @@ import numpy as np
 if TYPE_CHECKING:
     from spinelevel.card import ModelCard
 
-__all__ = ["PreprocessSpec", "pad_square", "square_offsets", "window_channels", "resize_bilinear", "preprocess_slice", "preprocess_batch"]
+__all__ = ["PreprocessSpec", "fov_box", "fit_fov", "window_channels", "resize_bilinear", "preprocess_slice", "preprocess_batch"]
 
 # HU of the padding of version-2 preprocessing (air, as decode.AIR_HU; not imported: decode pulls in pydicom).
 _AIR_HU = -1000.0
@@ -46,8 +49,9 @@ class PreprocessSpec:
     # Per-channel mean and std of the normalisation.
     mean: tuple[float, ...] = (0.0, 0.0, 0.0)
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
-    # Pad each slice to a square with air before windowing (card preprocessing version 2).
-    square: bool = False
+    # Card preprocessing version 2: the field of view (mm, square) every slice is cropped or padded
+    # to before windowing; None is version 1 (no crop or pad).
+    fov_mm: float | None = None
 
     @classmethod
     def from_card(cls, card: ModelCard) -> PreprocessSpec:
@@ -58,24 +62,35 @@ class PreprocessSpec:
             scale=float(card.scale),
             mean=tuple(float(v) for v in card.mean),
             std=tuple(float(v) for v in card.std),
-            square=int(card.preprocess) >= 2,
+            fov_mm=float(card.fov_mm) if int(card.preprocess) >= 2 else None,
         )
 
 
-def square_offsets(height: int, width: int) -> tuple[int, int, int]:
-    """(side, top, left) of the air-padded square that holds a (height, width) slice, centred."""
-    side = max(height, width)
-    return side, (side - height) // 2, (side - width) // 2
+def fov_box(height: int, width: int, spacing: tuple[float, float] | None, fov_mm: float) -> tuple[int, int, int, int]:
+    """(rows, cols, top, left) of the fixed field of view in the pixels of a (height, width) slice.
+
+    ``rows x cols`` source pixels span ``fov_mm`` at ``spacing`` (row mm, column mm); ``top, left``
+    is where that box starts in the slice (negative: padding above / left, positive: a crop), centred.
+    Without a spacing the box is the square that holds the slice.
+    """
+    if spacing is None or not all(v > 0 for v in spacing):
+        rows = cols = max(height, width)
+    else:
+        rows = max(1, int(round(fov_mm / float(spacing[0]))))
+        cols = max(1, int(round(fov_mm / float(spacing[1]))))
+    return rows, cols, (height - rows) // 2, (width - cols) // 2
 
 
-def pad_square(hu: np.ndarray) -> np.ndarray:
-    """An (H, W) HU slice centred in an air-filled square of side max(H, W); square slices unchanged."""
+def fit_fov(hu: np.ndarray, spacing: tuple[float, float] | None, fov_mm: float) -> np.ndarray:
+    """The slice cropped or padded with air, centred, to ``fov_box`` (float32)."""
     h, w = hu.shape
-    if h == w:
-        return hu
-    side, top, left = square_offsets(h, w)
-    out = np.full((side, side), _AIR_HU, dtype=np.float32)
-    out[top : top + h, left : left + w] = hu
+    rows, cols, top, left = fov_box(h, w, spacing, fov_mm)
+    if (rows, cols, top, left) == (h, w, 0, 0):
+        return np.asarray(hu, dtype=np.float32)
+    out = np.full((rows, cols), _AIR_HU, dtype=np.float32)
+    r0, c0 = max(top, 0), max(left, 0)  # first source pixel inside the box
+    r1, c1 = min(h, top + rows), min(w, left + cols)
+    out[r0 - top : r1 - top, c0 - left : c1 - left] = hu[r0:r1, c0:c1]
     return out
 
 
@@ -144,10 +159,13 @@ def _resize_numpy(x: np.ndarray, h_out: int, w_out: int) -> np.ndarray:
     return left + (np.take(rows, x1, axis=-1) - left) * wx
 
 
-def preprocess_slice(hu: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """(H, W) HU -> (C, h, w) float32 model input for one slice."""
-    if spec.square:
-        hu = pad_square(np.asarray(hu, dtype=np.float32))
+def preprocess_slice(hu: np.ndarray, spec: PreprocessSpec, spacing: tuple[float, float] | None = None) -> np.ndarray:
+    """(H, W) HU -> (C, h, w) float32 model input for one slice.
+
+    ``spacing``: PixelSpacing (row mm, column mm) of the slice; used by preprocessing version 2.
+    """
+    if spec.fov_mm is not None:
+        hu = fit_fov(np.asarray(hu, dtype=np.float32), spacing, spec.fov_mm)
     x = resize_bilinear(window_channels(hu, spec.windows, spec.scale), spec.input_size)
     if not x.flags.writeable or x.base is not None:
         x = np.array(x, dtype=np.float32)
@@ -158,9 +176,9 @@ def preprocess_slice(hu: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return x
 
 
-def preprocess_batch(slices: list[np.ndarray], spec: PreprocessSpec) -> np.ndarray:
+def preprocess_batch(slices: list[np.ndarray], spec: PreprocessSpec, spacings: list[tuple[float, float] | None] | None = None) -> np.ndarray:
     """A list of (H, W) HU slices (sizes may differ) -> (N, C, h, w) float32."""
     out = np.empty((len(slices), len(spec.windows)) + tuple(spec.input_size), dtype=np.float32)
     for i, hu in enumerate(slices):
-        out[i] = preprocess_slice(hu, spec)
+        out[i] = preprocess_slice(hu, spec, spacings[i] if spacings else None)
     return out

@@ -150,6 +150,11 @@ def _sources(row: dict[str, Any]) -> tuple[Source, ...]:
     )
 
 
+def _spacing(row: dict[str, Any]) -> tuple[float, float] | None:
+    row_mm, col_mm = (float(v) for v in row["spacing"])
+    return (row_mm, col_mm) if row_mm > 0 and col_mm > 0 else None
+
+
 def _frames(row: dict[str, Any]) -> tuple[int | None, ...]:
     return tuple(int(f) or None for f in row["frame"])
 
@@ -174,7 +179,7 @@ def _decode_series(batch: dict[str, np.ndarray], spec: PreprocessSpec, max_bytes
         order = sorted(range(len(sources)), key=lambda i: (sources[i].path, sources[i].offset, frames[i] or 0, i))
         for start in range(0, len(order), chunk):
             idx = tuple(order[start : start + chunk])
-            task = DecodeTask(int(row["series"]), idx, tuple(sources[i] for i in idx), tuple(sops[i] for i in idx), spec, max_bytes, frames=tuple(frames[i] for i in idx))
+            task = DecodeTask(int(row["series"]), idx, tuple(sources[i] for i in idx), tuple(sops[i] for i in idx), spec, max_bytes, frames=tuple(frames[i] for i in idx), spacing=_spacing(row))
             yield _decoded_batch(prepare(task), spec, len(sources))
 
 
@@ -246,7 +251,7 @@ class _SparseSeries:
             arrays: list[np.ndarray] = []
             for start in range(0, len(order), self.chunk):
                 idx = tuple(order[start : start + self.chunk])
-                prepared = prepare(DecodeTask(key, idx, tuple(sources[i] for i in idx), tuple(sops[i] for i in idx), self.spec, self.max_bytes, frames=tuple(frames[i] for i in idx)))
+                prepared = prepare(DecodeTask(key, idx, tuple(sources[i] for i in idx), tuple(sops[i] for i in idx), self.spec, self.max_bytes, frames=tuple(frames[i] for i in idx), spacing=_spacing(row)))
                 reasons.update(prepared.failures)
                 ok.extend(prepared.indices)
                 arrays.append(prepared.array)
@@ -295,6 +300,8 @@ def _series_row(no: int, plan: SeriesPlan) -> dict[str, Any]:
         # 0 for a single-frame file (Arrow columns here are not nullable), else the 1-based frame
         "frame": [x.frame or 0 for x in s],
         "z": [float(x.z_mm) for x in s],
+        # PixelSpacing of the series (row, column mm); (0, 0) when unknown
+        "spacing": list(plan.pixel_spacing or (0.0, 0.0)),
     }
 
 

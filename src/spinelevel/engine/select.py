@@ -85,6 +85,8 @@ class SeriesPlan:
     dropped: tuple[SkippedFile, ...] = ()
     # Tags kept on request (--keep-phi), as (keyword, value).
     kept: tuple[tuple[str, str], ...] = ()
+    # PixelSpacing (row mm, column mm) that every slice of the plan shares.
+    pixel_spacing: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -380,5 +382,5 @@ def _select_one(files: list[FileHeader], options: SelectOptions) -> tuple[Series
             flags.add("gantry_tilt")
 
     slices = tuple(SliceRef(f.source, f.sop_uid, float(p[2]), f.transfer_syntax, f.frame) for f, p in zip(ordered, positions))
-    plan = SeriesPlan(study_uid, series_uid, slices, thickness, spacing, tuple(sorted(flags)), tuple(dropped), phi)
+    plan = SeriesPlan(study_uid, series_uid, slices, thickness, spacing, tuple(sorted(flags)), tuple(dropped), phi, ordered[0].pixel_spacing)
     return plan, None

@@ -60,6 +60,8 @@ class DecodeTask:
     preprocess: str = "numpy"
     # 1-based frame per slice for frames of multi-frame files (None: single-frame file); () = all None.
     frames: tuple[int | None, ...] = ()
+    # PixelSpacing (row mm, column mm) of the series, for preprocessing version 2.
+    spacing: tuple[float, float] | None = None
     # JPEG 2000 / HTJ2K decoder: 'cpu', 'nvimgcodec' or 'dali' (GPU, exact or CPU fallback; gpu_j2k).
     j2k_decoder: str = "cpu"
     # CUDA device of a GPU JPEG 2000 decoder.
@@ -134,12 +136,12 @@ def prepare(task: DecodeTask) -> Prepared:
                 stored, found_sop = read_stored(src, task.max_bytes, frame, j2k)
                 if found_sop != sop:
                     raise DecodeError("file changed since it was scanned (SOPInstanceUID differs)")
-                packed.append(pack_slice(stored.raw, stored.slope, stored.intercept, stored.padding))
+                packed.append(pack_slice(stored.raw, stored.slope, stored.intercept, stored.padding, task.spacing))
             else:
                 hu, found_sop = read_hu(src, task.max_bytes, frame, j2k)
                 if found_sop != sop:
                     raise DecodeError("file changed since it was scanned (SOPInstanceUID differs)")
-                arrays.append(preprocess_slice(hu, task.spec))
+                arrays.append(preprocess_slice(hu, task.spec, task.spacing))
             ok.append(index)
         except DecodeError as exc:
             failures.append((index, str(exc)))

@@ -91,6 +91,8 @@ class SliceItem:
     sop_uid: str
     # Slice position in mm (patient z).
     z_mm: float
+    # PixelSpacing (row mm, column mm) of the slice as the decoder gives it (preprocessing version 2).
+    spacing: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,7 @@ def _nifti_slices(case: Path) -> list[tuple[str, str, NiftiRef, str, float]]:
         if levels[k] is None:
             continue
         z = float(affine[2, 3] + affine[2, 2] * k)
-        out.append((str(ct), levels[k], NiftiRef(str(ct), k), f"{ct}#{k}", z))
+        out.append((str(ct), levels[k], NiftiRef(str(ct), k), f"{ct}#{k}", z, nifti_spacing(affine)))
     return out
 
 
@@ -181,14 +183,14 @@ def collect_slices(
         t = read_labels_table(lab)
         table = t if table is None else table.merged(t)
 
-    rows: list[tuple[str, str, str, Source | NiftiRef, str, float]] = []  # series, group, level, ref, sop, z
+    rows: list[tuple] = []  # series, group, level, ref, sop, z, spacing
     summary: dict = {"inputs": [str(p) for p in paths], "labels": [str(p) for p in labels], "dicom_series": 0, "nifti_cases": 0, "excluded_slices": 0, "unlabelled_slices": 0}
 
     cases = sorted({c for p in paths for c in find_nifti_cases(p)})
     case_set = {c.resolve() for c in cases}
     for case in cases:
-        for series, level, ref, sop, z in _nifti_slices(case):
-            rows.append((series, series, level, ref, sop, z))
+        for series, level, ref, sop, z, spacing in _nifti_slices(case):
+            rows.append((series, series, level, ref, sop, z, spacing))
         summary["nifti_cases"] += 1
 
     dicom_paths = [p for p in paths if p.resolve() not in case_set]
@@ -216,7 +218,7 @@ def collect_slices(
                     summary["excluded_slices"] += 1
                     continue
                 group = table.group.get(ref.sop_uid) or plan.study_uid or plan.series_uid
-                rows.append((plan.series_uid, group, level, ref.source, ref.sop_uid, float(ref.z_mm)))
+                rows.append((plan.series_uid, group, level, ref.source, ref.sop_uid, float(ref.z_mm), plan.pixel_spacing))
                 used = True
             summary["dicom_series"] += int(used)
 
@@ -231,7 +233,7 @@ def collect_slices(
     if "L3" not in classes:
         raise InputError(f"the labelled slices hold classes {list(classes)} but no L3; the model must learn L3")
     index = {c: i for i, c in enumerate(classes)}
-    items = tuple(SliceItem(series=s, group=g, label=index[lev], ref=ref, sop_uid=sop, z_mm=z) for s, g, lev, ref, sop, z in rows)
+    items = tuple(SliceItem(series=s, group=g, label=index[lev], ref=ref, sop_uid=sop, z_mm=z, spacing=sp) for s, g, lev, ref, sop, z, sp in rows)
     summary["series"] = len({it.series for it in items})
     summary["groups"] = len({it.group for it in items})
     summary["slices"] = len(items)
@@ -318,7 +320,16 @@ class HUCache:
         return arr.astype(np.float32)
 
 
-def model_input(hu: np.ndarray, spec: PreprocessSpec, augment: AugmentSpec, rng: np.random.Generator) -> np.ndarray:
-    """(C, h, w) float32 model input of one slice: augment the HU image, then the engine's preprocessing."""
+def model_input(hu: np.ndarray, spec: PreprocessSpec, augment: AugmentSpec, rng: np.random.Generator, spacing: tuple[float, float] | None = None) -> np.ndarray:
+    """(C, h, w) float32 model input of one slice: augment the HU image, then the engine's preprocessing.
+
+    ``spacing``: the slice's PixelSpacing (preprocessing version 2); a crop of the augmentation keeps
+    it (it cuts pixels, it does not resample them).
+    """
     params = draw_params(augment, rng)
-    return preprocess_slice(augment_hu(hu, params) if augment.enabled else hu, spec)
+    return preprocess_slice(augment_hu(hu, params) if augment.enabled else hu, spec, spacing)
+
+
+def nifti_spacing(affine: np.ndarray) -> tuple[float, float]:
+    """(row mm, column mm) of ``volume_slice`` images of a canonical volume with this affine."""
+    return float(np.linalg.norm(affine[:3, 1])), float(np.linalg.norm(affine[:3, 0]))

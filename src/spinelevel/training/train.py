@@ -98,8 +98,10 @@ class TrainConfig:
     # Per-channel mean and std of the card's normalisation.
     mean: tuple[float, ...] = _DEFAULT_CARD.mean
     std: tuple[float, ...] = _DEFAULT_CARD.std
-    # Preprocessing version of the card (engine/preprocess.py): 2 pads slices to a square with air.
+    # Preprocessing version of the card (engine/preprocess.py): 2 crops or pads every slice to a
+    # fixed field of view of fov_mm (by its PixelSpacing) before the resize.
     preprocess: int = 2
+    fov_mm: float = 400.0
     # Keep BatchNorm in eval mode while training (its running statistics are not updated). Always
     # on when the pretrained weights come from an ONNX export, whose BatchNorm is folded away.
     freeze_bn: bool = False
@@ -314,7 +316,8 @@ class _Slices:
 
         i = self.indices[n]
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        x = model_input(self.cache.get(self.data.items, i), self.spec, self.augment, rng)
+        item = self.data.items[i]
+        x = model_input(self.cache.get(self.data.items, i), self.spec, self.augment, rng, item.spacing)
         return torch.from_numpy(x), self.data.items[i].label
 
 
@@ -456,6 +459,7 @@ def _train(paths: Sequence[Path], labels: Sequence[Path], config: TrainConfig, p
         std=config.std,
         output="logits",
         preprocess=config.preprocess,
+        fov_mm=config.fov_mm,
     )
     spec = PreprocessSpec.from_card(card)
 
@@ -517,6 +521,7 @@ def _train(paths: Sequence[Path], labels: Sequence[Path], config: TrainConfig, p
         "pretrained": pretrained_info,
         "freeze_bn": freeze_bn,
         "preprocess": config.preprocess,
+        "fov_mm": config.fov_mm,
         "device": device,
         "torch": torch.__version__,
     }
