@@ -26,7 +26,7 @@ import numpy as np
 from spinelevel.engine.decode import read_hu, read_stored
 from spinelevel.engine.preprocess import PreprocessSpec, preprocess_slice
 from spinelevel.engine.sources import Source
-from spinelevel.errors import DecodeError, InputError
+from spinelevel.errors import DecodeError, InputError, RemoteReadError
 
 __all__ = ["DecodeTask", "Prepared", "prepare", "DecodePool", "WORKER_KINDS"]
 
@@ -78,6 +78,9 @@ class Prepared:
     # Log records of the DICOM libraries in the worker process while it ran this task (values
     # dropped, see thirdparty_log); 0 when the task ran in the main process, which counts its own.
     thirdparty_records: int = 0
+    # Indices among ``failures`` whose instance could not be retrieved from a server (a DICOMweb
+    # source after retries): the series is then an error to redo, not a series with dropped slices.
+    unavailable: tuple[int, ...] = ()
 
 
 def _empty(spec: PreprocessSpec) -> np.ndarray:
@@ -90,6 +93,7 @@ def prepare(task: DecodeTask) -> Prepared:
     arrays: list[np.ndarray] = []
     packed: list = []
     failures: list[tuple[int, str]] = []
+    unavailable: list[int] = []
     crash_sop = os.environ.get(CRASH_SOP_ENV)
     from spinelevel.engine import thirdparty_log
 
@@ -113,6 +117,9 @@ def prepare(task: DecodeTask) -> Prepared:
                     raise DecodeError("file changed since it was scanned (SOPInstanceUID differs)")
                 arrays.append(preprocess_slice(hu, task.spec))
             ok.append(index)
+        except RemoteReadError as exc:
+            failures.append((index, str(exc)))
+            unavailable.append(index)
         except DecodeError as exc:
             failures.append((index, str(exc)))
         except MemoryError:
@@ -121,7 +128,7 @@ def prepare(task: DecodeTask) -> Prepared:
             failures.append((index, f"unexpected error while decoding ({type(exc).__name__}: {exc})"))
     array = np.stack(arrays) if arrays else _empty(task.spec)
     records = thirdparty_log.record_count() - records_before if in_child else 0
-    return Prepared(task.key, tuple(ok), array, tuple(failures), tuple(packed), records)
+    return Prepared(task.key, tuple(ok), array, tuple(failures), tuple(packed), records, tuple(unavailable))
 
 
 def _warm_up() -> int:
