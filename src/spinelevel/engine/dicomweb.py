@@ -236,6 +236,9 @@ def _new_client(conn: DicomwebConnection, max_bytes: int):  # noqa: ANN202
     session.hooks["response"].append(_check_response(max_bytes))
     client = DICOMwebClient(conn.url, session=session, timeout=(conn.timeout_s, conn.timeout_s))
     client.set_http_retry_params(retry=False)
+    # the retrying package still wraps every request and logs each failure with a traceback at
+    # WARNING: _call retries and logs (without tracebacks) instead
+    logging.getLogger("retrying").setLevel(logging.ERROR)
     return client
 
 
