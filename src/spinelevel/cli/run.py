@@ -1,4 +1,4 @@
-"""`spinelevel run`: classify every axial CT series of DICOM folders and archives."""
+"""`spinelevel run`: classify every axial CT series of DICOM folders, archives and DICOMweb servers."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ class _RichProgress:
 
 @app.command("run")
 def run(
-    paths: Annotated[list[Path], typer.Argument(help="DICOM folders, .zip, .tar, .tar.gz/.tgz archives or single files, in any mix.", show_default=False)],
+    paths: Annotated[list[str], typer.Argument(help="DICOM folders, .zip, .tar, .tar.gz/.tgz archives, single files, or DICOMweb services written dicomweb+https://host/dicom-web, in any mix.", show_default=False)],
     model: Annotated[Path, typer.Option("--model", "-m", help="Model with a spinelevel card: ONNX, TensorRT .engine, training .safetensors, or 'demo' (the bundled phantom-trained model).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (slices/, series/, skipped/ Parquet datasets and run.json).")],
     backend: Annotated[str, typer.Option("--backend", help="auto (TensorRT, then torch on CUDA, then ONNX Runtime), onnxruntime, tensorrt or torch.")] = "auto",
@@ -126,17 +126,31 @@ def run(
     extract: Annotated[Path | None, typer.Option("--extract", help="After the run, copy the level picks into this folder with a KOS per series, previews and manifest.parquet (as 'spinelevel extract').", show_default=False)] = None,
     extract_levels: Annotated[str, typer.Option("--extract-levels", help="--extract: levels to extract, comma-separated (as extract --levels).")] = "L3",
     extract_neighbours: Annotated[int, typer.Option("--extract-neighbours", min=0, help="--extract: slices copied on each side of every pick (as extract --neighbours).")] = 0,
+    since: Annotated[str | None, typer.Option("--since", help="DICOMweb: studies with a StudyDate on or after this date (YYYY-MM-DD).", show_default=False)] = None,
+    until: Annotated[str | None, typer.Option("--until", help="DICOMweb: studies with a StudyDate on or before this date (YYYY-MM-DD).", show_default=False)] = None,
+    study: Annotated[list[str] | None, typer.Option("--study", help="DICOMweb: read this Study Instance UID (repeatable; default: every study in the date range).", show_default=False)] = None,
+    modality: Annotated[str, typer.Option("--modality", help="DICOMweb: modality of the series listed and read.")] = "CT",
+    dicomweb_timeout: Annotated[float, typer.Option("--dicomweb-timeout", min=0.1, help="DICOMweb: seconds to wait for a connection and for each read of an answer.")] = 30.0,
+    dicomweb_retries: Annotated[int, typer.Option("--dicomweb-retries", min=0, help="DICOMweb: retries of a request that failed transiently (connection refused, timeout, 5xx, cut short), with exponential backoff from 0.5 s, at most 60 s of waiting.")] = 4,
+    dicomweb_ca: Annotated[Path | None, typer.Option("--dicomweb-ca", help="DICOMweb: PEM bundle of the CA that signed the server's certificate (TLS is always verified; default: the system's CAs).", show_default=False)] = None,
+    push_kos: Annotated[bool, typer.Option("--push-kos", help="DICOMweb: after the run, store each series' Key Object Selection document back on its server (STOW-RS); extracts into --extract DIR, or OUT/extract.")] = False,
     rows_per_part: Annotated[int, typer.Option("--rows-per-part", min=1, help="Slice rows per Parquet part; results are committed at least this often.")] = 100_000,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
-    """Find the vertebral level of every slice and the L3 slice of every axial CT series."""
+    """Find the vertebral level of every slice and the L3 slice of every axial CT series.
+
+    Credentials of a DICOMweb server come from SPINELEVEL_DICOMWEB_USER and SPINELEVEL_DICOMWEB_PASSWORD,
+    SPINELEVEL_DICOMWEB_TOKEN, or a netrc entry, never from the command line.
+    """
     from spinelevel.engine.pipeline import RunOptions
     from spinelevel.engine.pipeline import run as run_pipeline
     from spinelevel.engine.scan import ScanOptions
     from spinelevel.engine.select import SelectOptions
 
     setup_logging(verbose)
+    with fail_cleanly():
+        local, queries = _inputs(paths, since, until, tuple(study or ()), modality, dicomweb_timeout, dicomweb_retries, dicomweb_ca, ray is not None, push_kos)
     options = RunOptions(
         backend=backend,
         device=device,
@@ -153,9 +167,12 @@ def run(
         select=SelectOptions(min_slices=min_slices, max_pixels=max_pixels, max_slices=max_slices),
         scan=ScanOptions(keep_tags=tuple(keep_phi or ())),
         sampling=SamplingOptions(mode=sampling.value, stride_mm=stride_mm, min_confidence=min_confidence),
+        dicomweb=queries,
     )
     show = not quiet and stderr.is_terminal
     extract_options = None
+    if push_kos and extract is None:
+        extract = out / "extract"
     if extract is not None:
         from spinelevel.cli.extract import parse_levels
         from spinelevel.extract import ExtractOptions
@@ -183,9 +200,9 @@ def run(
                 decode_workers=decode_workers,
                 inference_workers=inference_workers,
             )
-            summary = run_on_ray(paths, model, out, options, ray_options, progress)
+            summary = run_on_ray(local, model, out, options, ray_options, progress)
         else:
-            summary = run_pipeline(paths, model, out, options, progress)
+            summary = run_pipeline(local, model, out, options, progress)
     if extract_options is not None:
         from spinelevel.cli.extract import ExtractProgressBar, print_extract_summary
         from spinelevel.extract import extract_run
@@ -194,6 +211,8 @@ def run(
             extracted = extract_run(out, extract, extract_options, bar)
         if not quiet:
             print_extract_summary(extracted)
+    if push_kos:
+        _push(extract, queries, quiet)
     if qc:
         from spinelevel.cli.report import ReportProgressBar
         from spinelevel.report.build import ReportOptions, build_report
@@ -210,3 +229,42 @@ def run(
             f"({summary.slices_per_s:.1f} slices/s); {summary.skipped_files} files skipped; results in {summary.out}"
         )
     sys.stdout.flush()
+
+
+def _inputs(paths: list[str], since: str | None, until: str | None, studies: tuple[str, ...], modality: str, timeout: float, retries: int, ca: Path | None, ray: bool, push_kos: bool):  # noqa: ANN202
+    """(local paths, DICOMweb queries) from the positional inputs and the DICOMweb options."""
+    from spinelevel.engine.dicomweb import DicomwebQuery, is_dicomweb_input, parse_date, parse_input
+    from spinelevel.errors import InputError
+
+    local = [Path(p) for p in paths if not is_dicomweb_input(p)]
+    remote = [p for p in paths if is_dicomweb_input(p)]
+    if not remote:
+        used = [name for name, value in (("--since", since), ("--until", until), ("--study", studies), ("--dicomweb-ca", ca), ("--push-kos", push_kos)) if value]
+        if used:
+            raise InputError(f"{', '.join(used)}: only for DICOMweb inputs (dicomweb+https://host/dicom-web)")
+        return local, ()
+    if ray:
+        raise InputError("--ray does not read DICOMweb inputs; run without --ray")
+    first = parse_date(since, "--since") if since else None
+    last = parse_date(until, "--until") if until else None
+    if first and last and first > last:
+        raise InputError(f"--since {since} is after --until {until}")
+    queries = tuple(
+        DicomwebQuery(parse_input(p, timeout_s=timeout, tries=retries + 1, ca_file=str(ca) if ca else None), first, last, studies, modality.strip().upper())
+        for p in remote
+    )
+    return local, queries
+
+
+def _push(extract: Path, queries, quiet: bool) -> None:  # noqa: ANN001
+    from spinelevel.extract.push import push_kos
+
+    with fail_cleanly():
+        pushed = push_kos(extract, tuple(q.connection for q in queries))
+    for uid, reason in pushed.failed:
+        stderr.print(f"warning: KOS of series {uid} not stored: {reason}", markup=False, highlight=False)
+    if not quiet:
+        stderr.print(f"{pushed.stored} KOS documents stored on the server (STOW-RS), {len(pushed.failed)} refused", markup=False, highlight=False)
+    if pushed.failed:
+        stderr.print(f"error: {len(pushed.failed)} KOS documents could not be stored; run again to retry", markup=False, highlight=False)
+        raise typer.Exit(1)

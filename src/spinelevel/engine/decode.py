@@ -310,16 +310,22 @@ def read_dataset(src: Source, max_bytes: int, frame: int | None = None):  # noqa
     key = (src, max_bytes)
     if frame is not None and _PARSED.key == key:
         return _PARSED.ds
-    try:
-        data = read_source(src, max_bytes)
-    except KeyError:
-        raise DecodeError("member not found in the archive") from None
-    except OSError as exc:
-        raise DecodeError(f"cannot read file: {exc.strerror or exc}") from None
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except Exception as exc:
-        raise DecodeError(f"DICOM file is unreadable ({type(exc).__name__})") from None
+    if src.kind == "dicomweb":
+        from spinelevel.engine.dicomweb import retrieve_dataset
+
+        # the client parses what it retrieves: no detour through bytes (RemoteReadError passes up)
+        ds = retrieve_dataset(src, max_bytes)
+    else:
+        try:
+            data = read_source(src, max_bytes)
+        except KeyError:
+            raise DecodeError("member not found in the archive") from None
+        except OSError as exc:
+            raise DecodeError(f"cannot read file: {exc.strerror or exc}") from None
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        except Exception as exc:
+            raise DecodeError(f"DICOM file is unreadable ({type(exc).__name__})") from None
     if frame is not None:
         _PARSED.key, _PARSED.ds = key, ds
     else:

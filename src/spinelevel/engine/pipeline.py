@@ -28,6 +28,7 @@ import numpy as np
 from spinelevel import __version__
 from spinelevel.card import ModelCard, file_sha256, read_card
 from spinelevel.engine.backends import Backend, BackendOptions, load_backend
+from spinelevel.engine.dicomweb import DicomwebQuery
 from spinelevel.engine.preprocess import PreprocessSpec
 from spinelevel.engine.sampling import SamplingOptions, SeriesSampler, resolve_mode
 from spinelevel.engine.scan import FileHeader, ScanOptions, SkippedFile, scan_paths
@@ -43,6 +44,8 @@ __all__ = [
     "RunProgress",
     "NoProgress",
     "RunSummary",
+    "SeriesUnavailable",
+    "RETRY_KEY_PREFIX",
     "run",
     "finish_series",
     "forget_everything",
@@ -106,6 +109,20 @@ class RunOptions:
     thresholds: LevelThresholds = field(default_factory=LevelThresholds)
     # Which slices the model sees (full, or a sparse boundary search).
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    # DICOMweb services to read series from, besides the local paths (engine/dicomweb.py).
+    dicomweb: tuple[DicomwebQuery, ...] = ()
+
+
+@dataclass(frozen=True)
+class SeriesUnavailable:
+    """A series some of whose instances could not be retrieved from a server: an error row whose key
+    never matches, so the next run does it again."""
+
+    reason: str
+
+
+# Prefix of the key of a series to redo (SeriesUnavailable): real keys are hex digests.
+RETRY_KEY_PREFIX = "retry:"
 
 
 class RunProgress(Protocol):
@@ -164,6 +181,8 @@ class _Work:
     outstanding: int = 0
     # An unexpected exception while sampling or labelling this series (it ends as an error row).
     error: str | None = None
+    # The error is a failure to retrieve instances from a server: the next run redoes the series.
+    unavailable: bool = False
 
 
 def _unexpected(exc: BaseException, what: str) -> str:
@@ -263,6 +282,11 @@ class _Scheduler:
         self.thirdparty_records += prepared.thirdparty_records
         self.j2k_outcomes.update(dict(prepared.j2k_outcomes))
         work = self.open[prepared.key]
+        if prepared.unavailable and work.error is None:
+            # the server did not give the instances (after retries): decoding the rest would make a
+            # series with holes that the next run would take as done
+            reason = dict(prepared.failures)[prepared.unavailable[0]]
+            work.error, work.unavailable = f"instances could not be retrieved ({reason}); re-run to retry", True
         if work.error is not None:  # the series has failed: its slices are only counted off
             work.outstanding -= len(prepared.failures) + len(prepared.indices)
             return
@@ -325,8 +349,10 @@ class _Scheduler:
             del self.open[no]
             yield work.plan, self._finish(work), work.failures
 
-    def _finish(self, work: _Work) -> SeriesResult | str | None:
+    def _finish(self, work: _Work) -> SeriesResult | SeriesUnavailable | str | None:
         """The labelled series, None when too few slices decoded, or the text of an unexpected error."""
+        if work.unavailable:
+            return SeriesUnavailable(work.error or "instances could not be retrieved")
         if work.error is not None:
             return work.error
         try:
@@ -365,12 +391,16 @@ def finish_series(plan: SeriesPlan, sampler: SeriesSampler, failures: dict[int, 
     )
 
 
-def write_series(writer: RunWriter, plan: SeriesPlan, key: str, result: SeriesResult | str | None, failures: dict[int, str], options: RunOptions) -> None:
+def write_series(writer: RunWriter, plan: SeriesPlan, key: str, result: SeriesResult | SeriesUnavailable | str | None, failures: dict[int, str], options: RunOptions) -> None:
     """Hand one finished series to the writer, whole: signals wait until its rows are buffered.
 
-    ``result``: the labelled series, None when too few slices could be decoded, or the text of an
-    unexpected error (the series becomes an error row with it).
+    ``result``: the labelled series, None when too few slices could be decoded, the text of an
+    unexpected error (the series becomes an error row with it), or SeriesUnavailable (an error row
+    under a key that the next run does not take as done).
     """
+    if isinstance(result, SeriesUnavailable):
+        # which slices failed is not a property of the series: record the series, not each file
+        key, result, failures = RETRY_KEY_PREFIX + key, result.reason, {}
     with critical_section():
         _write_series(writer, plan, key, result, failures, options)
 
@@ -427,7 +457,7 @@ def check_run_inputs(paths: list[Path], options: RunOptions) -> list[Path]:
     if options.select.min_slices < 1:
         raise InputError(f"--min-slices must be at least 1, got {options.select.min_slices}")
     out = [Path(p) for p in paths]
-    if not out:
+    if not out and not options.dicomweb:
         raise InputError("no input path given")
     for p in out:
         if not os.path.lexists(p):
@@ -463,9 +493,10 @@ def manifest_entry(run_id: str, started_at: str, model: Path, model_sha: str, ca
             "select": asdict(options.select),
             "thresholds": asdict(options.thresholds),
             "sampling": asdict(options.sampling) | {"mode": mode},
+            "dicomweb": [asdict(q) for q in options.dicomweb],
             **extra_options,
         },
-        "inputs": [str(p) for p in paths],
+        "inputs": [str(p) for p in paths] + [q.connection.url for q in options.dicomweb],
         "l3_definition": l3_definition(options.thresholds),
     }
 
@@ -480,13 +511,20 @@ def start_history(out: Path, entry: dict) -> dict:
 
 def scan_and_select(paths: list[Path], options: RunOptions, progress: RunProgress) -> tuple:
     """Scan the inputs (headers only) and select the series; returns (selection, every source seen)."""
+    import itertools
+
+    from spinelevel.engine.dicomweb import DicomwebScanner
+
     items: list[FileHeader | SkippedFile] = []
-    for item in scan_paths(paths, options.scan):
+    remote = [DicomwebScanner(q, options.scan) for q in options.dicomweb]
+    for item in itertools.chain(scan_paths(paths, options.scan), *remote):
         items.append(item)
         if len(items) % 200 == 0:
             progress.scanned(len(items))
     progress.scanned(len(items))
     seen = {item.source.label for item in items}
+    for scanner in remote:
+        seen |= scanner.series_labels  # a series whose headers failed before is met again
     return select_series(items, options.select), seen
 
 
@@ -511,6 +549,14 @@ def start_series(state, writer: RunWriter, selection, seen: set[str], model_sha:
     plan_keys = {p.series_uid: plan_key(model_sha, p) for p in selection.plans}
     skip_keys = {s.series_uid: skip_key(model_sha, s) for s in selection.skipped_series}
     present = plan_keys | skip_keys
+    legacy = {p.series_uid: plan_key(model_sha, p, legacy=True) for p in selection.plans if p.dropped}
+    legacy |= {s.series_uid: skip_key(model_sha, s, legacy=True) for s in selection.skipped_series}
+    upgraded = {uid for uid, key in legacy.items() if uid in state.series and state.series[uid].key == key != present[uid]}
+    if upgraded:
+        # outputs of earlier versions: the same series under its old key, re-keyed without redoing it
+        entries = {uid: {"key": present[uid], "status": state.series[uid].status, "skipped_sources": list(state.series[uid].skipped_sources)} for uid in sorted(upgraded)}
+        with critical_section():
+            write_commit(state, run_id, {"series": entries})
     changed = {uid for uid, key in present.items() if uid in state.series and state.series[uid].key != key}
     if changed:
         log.info("%d series changed since they were done; their rows are replaced", len(changed))
@@ -558,13 +604,24 @@ def load_manifest(out: Path) -> dict:
     return manifest
 
 
-def plan_key(model_sha: str, plan: SeriesPlan) -> str:
+def _member(f: SkippedFile, legacy: bool) -> str:
+    # who the file is, not where it is: a local run and a DICOMweb run of a series share the key
+    return f.source.label if legacy or not f.identity else "instance:" + f.identity
+
+
+def plan_key(model_sha: str, plan: SeriesPlan, legacy: bool = False) -> str:
+    """The resume key of a classified series: model, slices and dropped files, by SOP instance UID.
+
+    ``legacy``: the key of outputs written before keys named dropped files by instance UID (they
+    named them by source label); start_series accepts either.
+    """
     # slice_id is the SOP UID alone for single-frame files, so keys of earlier outputs still match
-    return series_key(model_sha, "classify", [s.slice_id for s in plan.slices] + [f.source.label for f in plan.dropped])
+    return series_key(model_sha, "classify", [s.slice_id for s in plan.slices] + [_member(f, legacy) for f in plan.dropped])
 
 
-def skip_key(model_sha: str, skip: SeriesSkip) -> str:
-    return series_key(model_sha, "skip:" + skip.reason, [f.source.label for f in skip.files])
+def skip_key(model_sha: str, skip: SeriesSkip, legacy: bool = False) -> str:
+    """The resume key of a skipped series: model, reason and files, by SOP instance UID (see plan_key)."""
+    return series_key(model_sha, "skip:" + skip.reason, [_member(f, legacy) for f in skip.files])
 
 
 def versions() -> dict[str, str]:
@@ -595,6 +652,11 @@ def run(paths: list[Path], model: Path, out: Path, options: RunOptions = RunOpti
 
     progress = progress or NoProgress()
     paths = check_run_inputs(paths, options)
+    if options.dicomweb:
+        from spinelevel.engine.dicomweb import check_server
+
+        for query in options.dicomweb:
+            check_server(query.connection)  # a wrong URL or credentials stop the run before any output
     thirdparty_log.install()  # pydicom's warnings quote header values: count them, drop the values
     started = time.perf_counter()
     started_at = now()

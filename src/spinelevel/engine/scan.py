@@ -102,6 +102,10 @@ class SkippedFile:
 
     source: Source
     reason: str
+    # Who the file is when its header was read: the SOP instance UID (plus "#frame" for one frame of
+    # a multi-frame file); "" when unknown. Resume keys use it, so they do not depend on where the
+    # file was read from (a folder, an archive or a DICOMweb server).
+    identity: str = ""
 
 
 def scan_paths(paths: Iterable[Path | str], options: ScanOptions = ScanOptions()) -> Iterator[FileHeader | SkippedFile]:

@@ -181,7 +181,7 @@ def _file_records(files: list[FileHeader], reason: str) -> tuple[SkippedFile, ..
     """One skip record per file (a multi-frame file once, however many of its frames)."""
     seen: dict[str, SkippedFile] = {}
     for f in files:
-        seen.setdefault(f.source.label, SkippedFile(f.source, reason))
+        seen.setdefault(f.source.label, SkippedFile(f.source, reason, f.sop_uid))
     return tuple(seen.values())
 
 
@@ -271,7 +271,7 @@ def _select_one(files: list[FileHeader], options: SelectOptions) -> tuple[Series
         return None, SeriesSkip(study_uid, series_uid, reason, len(files), tuple(dropped), phi, flags=identity)
 
     def drop(f: FileHeader, reason: str) -> None:
-        dropped.append(SkippedFile(f.source, reason if f.frame is None else f"frame {f.frame}: {reason}"))
+        dropped.append(SkippedFile(f.source, reason if f.frame is None else f"frame {f.frame}: {reason}", f.slice_id))
 
     problem = _series_kind_problem(files)
     if problem:

@@ -1,7 +1,11 @@
-"""Where a file's bytes live: a plain file, or a member of a zip or tar archive read in place.
+"""Where a file's bytes live: a plain file, a member of a zip or tar archive read in place, or an
+instance on a DICOMweb server.
 
 Archive members are never extracted to disk and their names are never used as paths: a member is
-addressed by the archive path plus its name (zip) or byte offset (tar).
+addressed by the archive path plus its name (zip) or byte offset (tar). A DICOMweb instance is
+addressed by the service's base URL (never with credentials) plus
+``studies/<uid>/series/<uid>/instances/<uid>``, so its label is its WADO-RS URL; it is retrieved
+with the connection settings it carries (engine/dicomweb.py), in whichever process reads it.
 """
 
 from __future__ import annotations
@@ -13,31 +17,39 @@ import threading
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import IO, Literal
+from typing import IO, TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from spinelevel.engine.dicomweb import DicomwebConnection
 
 __all__ = ["Source", "read_source", "tar_compression"]
 
-SourceKind = Literal["file", "zip", "tar"]
+SourceKind = Literal["file", "zip", "tar", "dicomweb"]
 
 
 @dataclass(frozen=True, slots=True)
 class Source:
     """The address of one input file."""
 
-    # Filesystem path of the file, or of the archive that holds it.
+    # Filesystem path of the file, or of the archive that holds it; dicomweb: the service's base URL.
     path: str
-    # "file", "zip" or "tar".
+    # "file", "zip", "tar" or "dicomweb".
     kind: SourceKind = "file"
-    # Member name inside the archive (informational for tar; the key for zip).
+    # Member name inside the archive (informational for tar; the key for zip); dicomweb:
+    # "studies/<uid>/series/<uid>/instances/<uid>".
     member: str | None = None
     # Tar only: byte offset of the member's data in the uncompressed tar stream.
     offset: int = 0
     # Tar only: member size in bytes.
     size: int = 0
+    # dicomweb only: how to reach the server (timeouts, CA file, retries; no credentials).
+    remote: DicomwebConnection | None = None
 
     @property
     def label(self) -> str:
-        """How the file is named in outputs: the path, or ``archive::member``."""
+        """How the file is named in outputs: the path, ``archive::member``, or the WADO-RS URL."""
+        if self.kind == "dicomweb":
+            return f"{self.path}/{self.member}"
         return self.path if self.member is None else f"{self.path}::{self.member}"
 
 
@@ -103,7 +115,12 @@ def read_source(src: Source, max_bytes: int) -> bytes:
 
     Raises:
         OSError: unreadable, or larger than ``max_bytes``.
+        RemoteReadError: a DICOMweb instance could not be retrieved (after retries).
     """
+    if src.kind == "dicomweb":
+        from spinelevel.engine.dicomweb import read_instance
+
+        return read_instance(src, max_bytes)
     if src.kind == "file":
         with open(src.path, "rb") as fh:
             data = fh.read(max_bytes + 1)

@@ -26,7 +26,7 @@ import numpy as np
 from spinelevel.engine.decode import read_hu, read_stored
 from spinelevel.engine.preprocess import PreprocessSpec, preprocess_slice
 from spinelevel.engine.sources import Source
-from spinelevel.errors import DecodeError, InputError
+from spinelevel.errors import DecodeError, InputError, RemoteReadError
 
 __all__ = ["DecodeTask", "Prepared", "prepare", "DecodePool", "WORKER_KINDS"]
 
@@ -86,6 +86,9 @@ class Prepared:
     thirdparty_records: int = 0
     # GPU JPEG 2000 path: (outcome, slices) pairs, outcome "gpu" or the reason for a CPU fallback.
     j2k_outcomes: tuple[tuple[str, int], ...] = ()
+    # Indices among ``failures`` whose instance could not be retrieved from a server (a DICOMweb
+    # source after retries): the series is then an error to redo, not a series with dropped slices.
+    unavailable: tuple[int, ...] = ()
 
 
 def _empty(spec: PreprocessSpec) -> np.ndarray:
@@ -120,6 +123,7 @@ def prepare(task: DecodeTask) -> Prepared:
     arrays: list[np.ndarray] = []
     packed: list = []
     failures: list[tuple[int, str]] = []
+    unavailable: list[int] = []
     crash_sop = os.environ.get(CRASH_SOP_ENV)
     from spinelevel.engine import thirdparty_log
 
@@ -143,6 +147,9 @@ def prepare(task: DecodeTask) -> Prepared:
                     raise DecodeError("file changed since it was scanned (SOPInstanceUID differs)")
                 arrays.append(preprocess_slice(hu, task.spec, task.spacing))
             ok.append(index)
+        except RemoteReadError as exc:
+            failures.append((index, str(exc)))
+            unavailable.append(index)
         except DecodeError as exc:
             failures.append((index, str(exc)))
         except MemoryError:
@@ -152,7 +159,7 @@ def prepare(task: DecodeTask) -> Prepared:
     array = np.stack(arrays) if arrays else _empty(task.spec)
     records = thirdparty_log.record_count() - records_before if in_child else 0
     outcomes = tuple((k, n - j2k_before.get(k, 0)) for k, n in j2k.outcomes.items() if n > j2k_before.get(k, 0)) if j2k is not None else ()
-    return Prepared(task.key, tuple(ok), array, tuple(failures), tuple(packed), records, outcomes)
+    return Prepared(task.key, tuple(ok), array, tuple(failures), tuple(packed), records, outcomes, tuple(unavailable))
 
 
 def _warm_up() -> int:

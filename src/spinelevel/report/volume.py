@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tarfile
 import warnings
 from dataclasses import dataclass
@@ -116,6 +117,10 @@ def parse_label(label: str) -> tuple[str, str | None]:
     return path, member
 
 
+# The source label of a DICOMweb instance: <base URL>/studies/<uid>/series/<uid>/instances/<uid>
+_DICOMWEB_LABEL = re.compile(r"^(https?://.+?)/(studies/[^/]+/series/[^/]+/instances/[^/]+)$")
+
+
 @lru_cache(maxsize=4)
 def _tar_index(path: str, mtime_ns: int) -> dict[str, tuple[int, int]]:
     """Member name -> (data offset, size) of a tar archive (one pass; cached per process)."""
@@ -134,6 +139,10 @@ def source_for_label(label: str) -> Source:
     Raises:
         DecodeError: the file or archive is gone, or the member is not in the archive.
     """
+    remote = _DICOMWEB_LABEL.match(label)
+    if remote is not None:
+        # a DICOMweb instance (its WADO-RS URL): read with the default connection settings
+        return Source(remote.group(1), "dicomweb", remote.group(2))
     path, member = parse_label(label)
     if member is None:
         if not os.path.isfile(path):
