@@ -98,7 +98,6 @@ def train(
         from spinelevel.training import require_torch
 
         require_torch()
-        from spinelevel.training.augment import AugmentSpec
         from spinelevel.training.train import TrainConfig
         from spinelevel.training.train import train as run_training
 
