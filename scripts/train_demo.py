@@ -129,9 +129,9 @@ def stage_evaluate(work: Path) -> None:
     run_json = json.loads((work / "test-run" / "run.json").read_text())
     real = work / "real-ct-eval"
     shutil.rmtree(real, ignore_errors=True)
-    cmd = [sys.executable, str(ROOT / "scripts" / "real_ct_eval.py"), "--model", str(model), "--out", str(real)]
+    cmd = [sys.executable, str(ROOT / "scripts" / "real_ct_eval.py"), "--model", str(model.relative_to(ROOT)), "--out", str(real)]
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
     _write_model_card(work, metrics, run_json, run_s, (real / "results.md").read_text())
 
 
@@ -143,7 +143,11 @@ def _write_model_card(work: Path, metrics: dict, run_json: dict, run_s: float, r
     tr = card.extra.get("training", {})
     hist = []
     for phase in RECIPE["phases"]:
-        hist += [f"# phase {phase['name']} ({phase['input_size']} px)", *(work / phase["name"] / "history.csv").read_text().strip().splitlines()]
+        csv_path = work / phase["name"] / "history.csv"
+        if csv_path.is_file():
+            hist += [f"# phase {phase['name']} ({phase['input_size']} px)", *csv_path.read_text().strip().splitlines()]
+        else:  # an earlier session's phase whose work folder is gone: its history is in git
+            hist += [f"# phase {phase['name']} ({phase['input_size']} px): not in this work folder; its history is in MODEL_CARD.md at commit 21597d3"]
     pc = metrics["per_class"]
     phases = "\n".join(
         f"  - `{p['name']}`: {p['epochs']} epoch(s) of {p['samples_per_epoch']} random training slices at {p['input_size']} px, lr {p.get('lr', RECIPE['lr'])}, "
@@ -225,7 +229,10 @@ History (history.csv):
 
 ## Real CT (scripts/real_ct_eval.py; validation only, never used for training or model selection)
 
-{real_ct.split(chr(10), 1)[1] if real_ct.startswith('#') else real_ct}
+{(real_ct.split(chr(10), 1)[1] if real_ct.startswith('#') else real_ct).replace(chr(10) + '## ', chr(10) + '### ').strip()}
+
+The previous bundled model (preprocessing 1, before the `v2ft` phase) on the same cases:
+`tests/data/real_ct/baseline_demo_v1.md`.
 """
     (MODEL_DIR / "MODEL_CARD.md").write_text(text, encoding="utf-8")
     print(text)

@@ -44,7 +44,9 @@ def test_demo_card_and_classes() -> None:
     assert training["seed"] == 0 and training["best_epoch"] >= 1 and training["data"]["slices"] > 1000
     assert card.extra["parity"]["max_abs_diff"] <= card.extra["parity"]["tolerance"]
     model_card = resolve_model("demo").with_name("MODEL_CARD.md").read_text()
-    assert "phantoms, not patients" in model_card and "accuracy after sequence decoding" in model_card
+    assert "Trained on phantoms only" in model_card and "accuracy after sequence decoding" in model_card
+    assert "## Real CT" in model_card and "totalseg_example_ct" in model_card
+    assert card.preprocess == 2 and card.fov_mm == 400.0  # a fixed field of view (preprocessing version 2)
 
 
 def test_demo_model_reads_a_phantom_lumbar_slice() -> None:
@@ -59,7 +61,7 @@ def test_demo_model_reads_a_phantom_lumbar_slice() -> None:
     anatomy = Anatomy(spec)
     l3 = next(v for v in spec.vertebrae if v.name == "L3")
     z = (l3.top_z + l3.bottom_z) / 2
-    x = preprocess_batch([anatomy.render(float(z))], PreprocessSpec.from_card(card))
+    x = preprocess_batch([anatomy.render(float(z))], PreprocessSpec.from_card(card), [(spec.pixel_spacing, spec.pixel_spacing)])
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     p = sess.run(None, {sess.get_inputs()[0].name: x})[0][0]
     assert abs(float(p.sum()) - 1.0) < 1e-4
