@@ -210,7 +210,9 @@ class _Scheduler:
         # Sparse series need several rounds: keep enough of them open to fill the pool.
         self.max_open = max(2, 2 * max(1, options.workers)) if mode == "sparse" else 2
         self._ids: list[tuple[int, int]] = []
-        self._arrays: list[np.ndarray] = []
+        # Model input not yet batched, oldest first: (rows, the Prepared they came in); rows may be a
+        # view of a shared-memory slab of the pool, handed back once all its rows went to the model.
+        self._arrays: list[tuple[np.ndarray, Prepared]] = []
         self._packed: list = []
         self._buffered = 0
         self.model_calls = 0
@@ -289,6 +291,7 @@ class _Scheduler:
             work.error, work.unavailable = f"instances could not be retrieved ({reason}); re-run to retry", True
         if work.error is not None:  # the series has failed: its slices are only counted off
             work.outstanding -= len(prepared.failures) + len(prepared.indices)
+            self.pool.release(prepared)
             return
         if prepared.failures:
             for index, reason in prepared.failures:
@@ -302,7 +305,7 @@ class _Scheduler:
             if self.dali is not None:
                 self._packed.extend(prepared.packed)
             else:
-                self._arrays.append(prepared.array)
+                self._arrays.append((prepared.array, prepared))
             self._ids.extend((prepared.key, i) for i in prepared.indices)
             self._buffered += len(prepared.indices)
 
@@ -312,10 +315,25 @@ class _Scheduler:
             # TensorRT takes DALI's device output without a copy; other backends take host arrays
             batch = self.dali.run_device(items) if self.backend.name == "tensorrt" else self.dali.run(items)
         else:
-            stacked = np.concatenate(self._arrays) if len(self._arrays) > 1 else self._arrays[0]
-            batch, rest = stacked[:take], stacked[take:]
-            self._arrays = [rest] if len(rest) else []
+            # the rows of the batch, in order; only the last piece may be left partly for later
+            pieces, used, got = [], 0, 0
+            while got < take:
+                rows, prepared = self._arrays[used]
+                part = rows[: take - got]
+                pieces.append(part)
+                got += len(part)
+                if len(part) < len(rows):
+                    self._arrays[used] = (rows[len(part) :], prepared)
+                else:
+                    used += 1
+            done, self._arrays = self._arrays[:used], self._arrays[used:]
+            # one piece: the model reads the slab in place; several: one copy assembles the batch
+            batch = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
         probs = self.backend.infer(batch)
+        if self.dali is None:
+            del batch, pieces
+            for _, prepared in done:
+                self.pool.release(prepared)
         self.model_calls += 1
         ids, self._ids = self._ids[:take], self._ids[take:]
         self._buffered -= take
@@ -733,7 +751,15 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
     already_done = 0
     scheduler: _Scheduler | None = None
     records_before = thirdparty_log.record_count()
-    pool = DecodePool(options.workers, kind=options.worker_kind)
+    spec = PreprocessSpec.from_card(card)
+    # shared-memory hand-off of the process pool (DESIGN.md 2): a slab per task of chunk_slices rows
+    pool = DecodePool(
+        options.workers,
+        kind=options.worker_kind,
+        slab_spec=spec if options.preprocess == "numpy" else None,
+        slab_rows=max(1, options.chunk_slices),
+        held_slabs=options.batch_size // max(1, options.chunk_slices) + 2,
+    )
     try:
         pool.start()  # workers import their decoders while the scan runs
         selection, seen = scan_and_select(paths, options, progress)
@@ -741,7 +767,6 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
         progress.planned(len(plans), sum(len(p.slices) for p in plans))
         log.info("%d series to classify, %d already done, %d skipped", len(plans), already_done, len(selection.skipped_series))
 
-        spec = PreprocessSpec.from_card(card)
         scheduler = _Scheduler(plans, backend, pool, spec, card.classes, options, mode)
         for plan, result, failures in scheduler:
             write_series(writer, plan, plan_keys[plan.series_uid], result, failures, options)

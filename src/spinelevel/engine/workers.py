@@ -1,7 +1,13 @@
 """Decode and preprocess slices in a pool of worker processes, ahead of inference.
 
 Tasks are small (a few slice addresses and the preprocessing spec); results are the preprocessed
-float32 arrays. Results come back in submission order and only a bounded number of tasks is in
+float32 arrays. A process pool made with ``slab_rows`` hands them over through shared memory
+(DESIGN.md 2): a ring of preallocated slabs in one anonymous memory file (Linux ``memfd_create``,
+mapped by the parent and every worker), a worker writes a task's model input into the slab the
+parent gave the task, and the parent reads it there, without pickling or a pipe; the caller hands the
+slab back (:meth:`DecodePool.release`) once the rows are consumed. The memory file has no name in
+/dev/shm, so nothing can leak when the run is killed, even with SIGKILL: the kernel frees it with the
+last process that maps it. Results come back in submission order and only a bounded number of tasks is in
 flight, so memory does not grow with the archive. A worker killed by a decoder crash on a hostile file
 breaks the pool: the pool is rebuilt and the tasks in flight are retried one at a time, so only the
 files of a task that kills a worker again are recorded as failed.
@@ -10,7 +16,9 @@ files of a task that kills a worker again are recorded as failed.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
+import mmap
 import multiprocessing
 import os
 import signal
@@ -66,6 +74,9 @@ class DecodeTask:
     j2k_decoder: str = "cpu"
     # CUDA device of a GPU JPEG 2000 decoder.
     j2k_device: int = 0
+    # Slot of the shared-memory ring the worker writes the model input into (-1: return it pickled);
+    # set by the pool.
+    slab: int = -1
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,9 @@ class Prepared:
     # Indices among ``failures`` whose instance could not be retrieved from a server (a DICOMweb
     # source after retries): the series is then an error to redo, not a series with dropped slices.
     unavailable: tuple[int, ...] = ()
+    # Slot of the shared-memory ring that ``array`` is a view of (-1: an array of its own); hand it
+    # back with DecodePool.release once the rows are consumed.
+    slab: int = -1
 
 
 def _empty(spec: PreprocessSpec) -> np.ndarray:
@@ -130,6 +144,7 @@ def prepare(task: DecodeTask) -> Prepared:
     in_child = multiprocessing.parent_process() is not None
     records_before = thirdparty_log.record_count()
     frames = task.frames or (None,) * len(task.indices)
+    out = _SLAB_MAP.rows(task) if task.slab >= 0 and task.preprocess != "dali" else None
     for index, src, sop, frame in zip(task.indices, task.sources, task.sop_uids, frames):
         if crash_sop and sop == crash_sop and in_child:
             os._exit(70)
@@ -145,7 +160,11 @@ def prepare(task: DecodeTask) -> Prepared:
                 hu, found_sop = read_hu(src, task.max_bytes, frame, j2k)
                 if found_sop != sop:
                     raise DecodeError("file changed since it was scanned (SOPInstanceUID differs)")
-                arrays.append(preprocess_slice(hu, task.spec, task.spacing))
+                x = preprocess_slice(hu, task.spec, task.spacing)
+                if out is not None:
+                    out[len(ok)] = x
+                else:
+                    arrays.append(x)
             ok.append(index)
         except RemoteReadError as exc:
             failures.append((index, str(exc)))
@@ -156,10 +175,53 @@ def prepare(task: DecodeTask) -> Prepared:
             failures.append((index, "out of memory while decoding"))
         except Exception as exc:  # a decoder surprise must not take the series down
             failures.append((index, f"unexpected error while decoding ({type(exc).__name__}: {exc})"))
-    array = np.stack(arrays) if arrays else _empty(task.spec)
+    if out is not None:
+        array, slab = _empty(task.spec), task.slab  # the rows are in the slab; the parent maps them
+    else:
+        array, slab = (np.stack(arrays) if arrays else _empty(task.spec)), -1
     records = thirdparty_log.record_count() - records_before if in_child else 0
     outcomes = tuple((k, n - j2k_before.get(k, 0)) for k, n in j2k.outcomes.items() if n > j2k_before.get(k, 0)) if j2k is not None else ()
-    return Prepared(task.key, tuple(ok), array, tuple(failures), tuple(packed), records, outcomes, tuple(unavailable))
+    return Prepared(task.key, tuple(ok), array, tuple(failures), tuple(packed), records, outcomes, tuple(unavailable), slab)
+
+
+class _SlabFd:
+    """The ring's memory file, as a worker process receives it (the fd is duplicated into the child
+    when the process is spawned, as multiprocessing does for its pipes)."""
+
+    def __init__(self, fd: int, slab_bytes: int, slabs: int) -> None:
+        self.fd, self.slab_bytes, self.slabs = fd, slab_bytes, slabs
+
+    def __reduce__(self):  # noqa: ANN204 - pickled only while a worker is spawned
+        from multiprocessing import reduction
+
+        return (_SlabFd._attach, (reduction.DupFd(self.fd), self.slab_bytes, self.slabs))
+
+    @staticmethod
+    def _attach(dup, slab_bytes: int, slabs: int) -> _SlabFd:  # noqa: ANN001 - multiprocessing DupFd
+        return _SlabFd(dup.detach(), slab_bytes, slabs)
+
+
+class _SlabMap:
+    """This process's mapping of the ring (the parent's, or a worker's after _init_worker)."""
+
+    def __init__(self) -> None:
+        self.mem: mmap.mmap | None = None
+        self.slab_bytes = 0
+
+    def attach(self, ring: _SlabFd) -> None:
+        self.mem = mmap.mmap(ring.fd, ring.slab_bytes * ring.slabs)
+        self.slab_bytes = ring.slab_bytes
+        os.close(ring.fd)  # the mapping keeps the memory; no fd is left to inherit or leak
+
+    def rows(self, task: DecodeTask) -> np.ndarray | None:
+        """The slab of ``task`` as (len(indices), C, H, W) float32, or None if it does not fit."""
+        shape = (len(task.indices), len(task.spec.windows), *task.spec.input_size)
+        if self.mem is None or 4 * int(np.prod(shape)) > self.slab_bytes:
+            return None
+        return np.ndarray(shape, dtype=np.float32, buffer=self.mem, offset=task.slab * self.slab_bytes)
+
+
+_SLAB_MAP = _SlabMap()
 
 
 def _warm_up() -> int:
@@ -182,8 +244,11 @@ def _one_opencv_thread() -> None:
         pass
 
 
-def _init_worker() -> None:
+def _init_worker(ring: _SlabFd | None = None) -> None:
     from spinelevel.engine import thirdparty_log
+
+    if ring is not None:
+        _SLAB_MAP.attach(ring)
 
     # Ctrl-C reaches the whole process group: the parent decides how to stop, not the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -218,7 +283,15 @@ class DecodePool:
     series).
     """
 
-    def __init__(self, workers: int, max_in_flight: int | None = None, kind: str = "processes") -> None:
+    def __init__(self, workers: int, max_in_flight: int | None = None, kind: str = "processes", slab_spec: PreprocessSpec | None = None, slab_rows: int = 0, held_slabs: int = 8) -> None:
+        """
+        Args:
+            slab_spec, slab_rows: processes only: hand results over through a shared-memory ring of
+                slabs of ``slab_rows`` slices of ``slab_spec``'s model input (tasks with more rows, or
+                without a free slab, come back pickled). Results then are views into the ring: call
+                :meth:`release` once their rows are consumed.
+            held_slabs: slabs beyond ``max_in_flight`` that the caller may hold unreleased.
+        """
         if kind not in WORKER_KINDS:
             raise InputError(f"decode worker kind must be one of {', '.join(WORKER_KINDS)}, got {kind!r}")
         self.workers = workers
@@ -229,6 +302,55 @@ class DecodePool:
         self._pool: ProcessPoolExecutor | ThreadPoolExecutor | None = None
         self._crashes_without_success = 0
         self._quiet: warnings.catch_warnings | None = None
+        self._ring: _SlabFd | None = None
+        self._map = _SlabMap()
+        self._free: deque[int] = deque()
+        self._held: set[int] = set()
+        if slab_spec is not None and slab_rows > 0 and kind == "processes" and workers > 1 and hasattr(os, "memfd_create"):
+            slab_bytes = 4 * slab_rows * len(slab_spec.windows) * int(np.prod(slab_spec.input_size))
+            slabs = self.max_in_flight + held_slabs
+            fd = os.memfd_create("spinelevel-slabs", os.MFD_CLOEXEC)
+            os.ftruncate(fd, slab_bytes * slabs)  # pages are allocated when first written
+            self._ring = _SlabFd(fd, slab_bytes, slabs)
+            self._map.mem, self._map.slab_bytes = mmap.mmap(fd, slab_bytes * slabs), slab_bytes
+            self._free.extend(range(slabs))
+
+    @property
+    def shared_memory(self) -> bool:
+        """Whether results come back through the shared-memory ring."""
+        return self._ring is not None
+
+    def release(self, prepared: Prepared) -> None:
+        """Hand back the slab of a result whose rows are consumed (no-op for results of their own)."""
+        if prepared.slab in self._held:
+            self._held.discard(prepared.slab)
+            self._free.append(prepared.slab)
+
+    def _take_slab(self, task: DecodeTask) -> DecodeTask:
+        if self._ring is None or not self._free or task.preprocess == "dali":
+            return task
+        if 4 * len(task.indices) * len(task.spec.windows) * int(np.prod(task.spec.input_size)) > self._ring.slab_bytes:
+            return task
+        slot = self._free.popleft()
+        self._held.add(slot)
+        return dataclasses.replace(task, slab=slot)
+
+    def _drop_slab(self, task: DecodeTask) -> DecodeTask:
+        if task.slab >= 0:
+            self._held.discard(task.slab)
+            self._free.append(task.slab)
+        return dataclasses.replace(task, slab=-1)
+
+    def _mapped(self, task: DecodeTask, result: Prepared) -> Prepared:
+        """The result with its array as a view of its slab (or the task's slab handed back)."""
+        if task.slab < 0:
+            return result
+        if result.slab != task.slab or not result.indices:
+            self._drop_slab(task)
+            return dataclasses.replace(result, slab=-1)
+        shape = (len(result.indices), len(task.spec.windows), *task.spec.input_size)
+        view = np.ndarray(shape, dtype=np.float32, buffer=self._map.mem, offset=task.slab * self._map.slab_bytes)  # type: ignore[arg-type]
+        return dataclasses.replace(result, array=view)
 
     def __enter__(self) -> DecodePool:
         return self
@@ -266,19 +388,20 @@ class DecodePool:
         try:
             result = future.result()
             self._crashes_without_success = 0
-            return result
+            return self._mapped(task, result)
         except BrokenProcessPool:
             pass
         # Rebuild, retry this task alone, and put the others back at the front of the queue.
-        retry = [t for t, _ in self._in_flight]
+        retry = [self._drop_slab(t) for t, _ in self._in_flight]
         self._in_flight.clear()
         self._queue.extendleft(reversed(retry))
         self._restart()
         try:
             result = self._pool.submit(prepare, task).result()  # type: ignore[union-attr]
             self._crashes_without_success = 0
-            return result
+            return self._mapped(task, result)
         except BrokenProcessPool:
+            self._drop_slab(task)
             self._crashes_without_success += 1
             if self._crashes_without_success >= 3:
                 raise InputError(
@@ -293,7 +416,7 @@ class DecodePool:
         if self._pool is None:
             self._restart()
         while self._queue and len(self._in_flight) < self.max_in_flight:
-            task = self._queue.popleft()
+            task = self._take_slab(self._queue.popleft())
             self._in_flight.append((task, self._pool.submit(prepare, task)))  # type: ignore[union-attr]
 
     def _restart(self) -> None:
@@ -312,7 +435,7 @@ class DecodePool:
             self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="spinelevel-decode")
             return
         # spawn, not fork: the parent holds an inference runtime with its own threads.
-        self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
+        self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(self._ring,))
 
     def close(self) -> None:
         """Stop the workers; queued tasks are dropped."""
@@ -323,6 +446,16 @@ class DecodePool:
         if self._pool is not None:
             self._pool.shutdown(wait=self.kind == "threads", cancel_futures=True)
             self._pool = None
+        self._free.extend(self._held)
+        self._held.clear()
+        if self._ring is not None:
+            os.close(self._ring.fd)
+            self._ring = None
+            try:
+                self._map.mem.close()  # type: ignore[union-attr]
+            except BufferError:  # a caller still holds a view: the mapping goes with the last one
+                pass
+            self._map = _SlabMap()
         if self._quiet is not None:
             self._quiet.__exit__(None, None, None)
             self._quiet = None
