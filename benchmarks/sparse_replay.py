@@ -48,7 +48,7 @@ def replay(series: list[tuple[np.ndarray, np.ndarray]], classes: list[str], opti
     """Drive the sampler on stored probabilities; compare with decoding every slice."""
     slices = evaluated = same = l3_same = rounds_max = 0
     for z, probs in series:
-        sampler = SeriesSampler(z, len(classes), "sparse", options)
+        sampler = SeriesSampler(z, len(classes), "sparse", options, tuple(classes))
         request, rounds = sampler.initial(), 0
         while request:
             rounds += 1
@@ -64,6 +64,7 @@ def replay(series: list[tuple[np.ndarray, np.ndarray]], classes: list[str], opti
     return {
         "stride_mm": options.stride_mm,
         "min_confidence": options.min_confidence,
+        "exact_l3": options.exact_l3,
         "densify_rounds": options.densify_rounds,
         "evaluated_fraction": round(evaluated / slices, 4),
         "slice_level_agreement": round(same / slices, 5),
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument("--stride", type=float, nargs="+", default=[SamplingOptions.stride_mm])
     parser.add_argument("--min-confidence", type=float, nargs="+", default=[SamplingOptions.min_confidence])
     parser.add_argument("--rounds", type=int, nargs="+", default=[SamplingOptions.densify_rounds])
+    parser.add_argument("--no-exact-l3", action="store_true", help="replay without the exact-L3 step (the sampler before issue 17)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     series: list[tuple[np.ndarray, np.ndarray]] = []
@@ -86,8 +88,8 @@ def main() -> None:
         classes, found = load_series(run_dir)
         series += found
     rows = [
-        replay(series, classes, SamplingOptions(mode="sparse", stride_mm=s, min_confidence=c, densify_rounds=r))
-        for s, c, r in itertools.product(args.stride, args.min_confidence, args.rounds)
+        replay(series, classes, SamplingOptions(mode="sparse", stride_mm=s, min_confidence=c, densify_rounds=r, exact_l3=e))
+        for s, c, r, e in itertools.product(args.stride, args.min_confidence, args.rounds, [True] if args.no_exact_l3 is False else [False])
     ]
     result = {
         "machine": describe_machine(),

@@ -69,3 +69,27 @@ def test_bench_cli_rejects_bad_scaling_sizes(tmp_path: Path) -> None:
     assert result.exit_code != 0
     assert "--scaling" in result.output
     assert not (tmp_path / "b.json").exists()
+
+
+def test_decode_bench_has_the_script_baseline_and_shared_memory_rows(tmp_path: Path) -> None:
+    result = bench_decode(tmp_path, size=64, slices=6, input_size=32, workers=2, rounds=1)
+    for row in result["codecs"].values():
+        assert row["script_slices_per_s"] > 0 and row["engine_shared_memory_slices_per_s"] > 0
+        assert row["speedup_vs_script"] > 0 and row["naive_slices_per_s"] > 0
+
+
+def test_vs_script_bench_and_steps(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from spinelevel.bench.models import toy_onnx
+    from spinelevel.bench.script import bench_vs_script
+    from spinelevel.bench.steps import bench_steps
+
+    archive = phantom_archive(tmp_path, 1, 64, coverage="lumbar", thickness_mm=5.0, localizer_probability=0.0, dose_report_probability=0.0, second_recon_probability=0.0)
+    toy = toy_onnx(256, tmp_path)  # the script is written for 256 px input, as the issue's
+    result = bench_vs_script(archive, toy, tmp_path, rounds=1, rows={"engine_processes": ["--sampling", "full"], "engine_threads": ["--sampling", "full", "--worker-kind", "threads"]})
+    json.dumps(result)
+    assert result["wall_s"]["naive_script"] > 0 and result["processes_vs_threads"] > 0
+    files = [archive / p for p in pq.read_table(archive / "labels.parquet", columns=["path"]).column("path").to_pylist()][:4]
+    steps = bench_steps(files, input_size=32)["steps"]
+    assert {"header_parse", "pixel_read", "hu", "windows", "resize", "handoff_pickle_roundtrip", "engine_total_prepare", "naive_script_load"} <= steps.keys()

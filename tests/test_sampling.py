@@ -129,3 +129,39 @@ def test_a_hesitant_boundary_is_evaluated_end_to_end() -> None:
     assert sampler.evaluated[96:102].all()  # the stretch grew until bounded by confident slices
     assert label_series(sampler.probs, z, CLASSES, sampler.evaluated).levels == label_series(probs, z, CLASSES).levels
     assert sampler.evaluated.mean() < 0.3
+
+
+def _hesitant_l3(seed: int, spacing: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
+    """A series whose model hesitates around L3: random L2/L3/L4 mixtures over its L3 region."""
+    truth = _truth([20, 6, 7, 8, 7, 6, 4])
+    probs = _oracle(truth)
+    rng = np.random.default_rng(seed)
+    l3 = np.flatnonzero(truth == 3)
+    for i in range(l3[0] - 3, l3[-1] + 4):
+        p = rng.dirichlet([1.0, 1.0, 1.0]).astype(np.float32)
+        probs[i] = 0.01
+        probs[i, 2:5] = p * (1 - 0.01 * (K - 3))
+    return np.arange(len(truth)) * spacing, probs
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), spacing=st.sampled_from([1.0, 2.5, 5.0]))
+def test_exact_l3_gives_the_full_pick_where_the_model_hesitates(seed: int, spacing: float) -> None:
+    z, probs = _hesitant_l3(seed, spacing)
+    full = label_series(probs, z, CLASSES)
+    sampler = SeriesSampler(z, K, "sparse", SamplingOptions(stride_mm=20), classes=CLASSES)
+    _drive(sampler, probs)
+    sparse = label_series(sampler.probs, z, CLASSES, sampler.evaluated)
+    assert sparse.l3_index == full.l3_index
+    assert (sparse.l3_first_index, sparse.l3_last_index) == (full.l3_first_index, full.l3_last_index)
+
+
+def test_exact_l3_costs_nothing_on_a_confident_series() -> None:
+    truth = _truth([40, 10, 10, 10, 10, 10, 10])
+    z, probs = np.arange(len(truth)) * 2.5, _oracle(truth)
+    counts = []
+    for classes in (None, CLASSES):
+        sampler = SeriesSampler(z, K, "sparse", SamplingOptions(stride_mm=20), classes=classes)
+        _drive(sampler, probs)
+        counts.append(int(sampler.evaluated.sum()))
+    assert counts[0] == counts[1]

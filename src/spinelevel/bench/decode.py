@@ -1,6 +1,8 @@
 """Decode + preprocess throughput per transfer syntax, against a naive single-thread baseline.
 
-Baseline: what a first script does: ``pydicom.dcmread`` + ``pixel_array`` + rescale + windows +
+Baselines, both in the same run: the naive script of issue 17 (``bench/naive_script.py``: pydicom,
+rescale, three windows, ``cv2.resize``, ``multiprocessing.Pool(2)``; ``script_*`` keys), and the older,
+slower one (``naive_*`` keys): ``pydicom.dcmread`` + ``pixel_array`` + rescale + windows +
 ``scipy.ndimage.zoom`` per slice, one thread. Engine: the worker pool of ``spinelevel run`` with its
 vectorised card preprocessing, as processes (the default) and as threads (``--worker-kind threads``),
 and the same code in the calling thread.
@@ -54,7 +56,9 @@ def _engine(pool: DecodePool, files: list[Path], spec: PreprocessSpec) -> float:
         pool.submit(DecodeTask(0, idx, tuple(Source(str(files[j])) for j in idx), tuple(sops[j] for j in idx), spec, 1 << 30))
     done = 0
     while pool.pending():
-        done += len(pool.get().indices)
+        got = pool.get()
+        done += len(got.indices)
+        pool.release(got)
     assert done == len(files), "engine failed to decode phantom slices"
     return time.perf_counter() - start
 
@@ -74,15 +78,27 @@ def bench_decode(work: Path, size: int = 512, slices: int = 60, input_size: int 
         files = _files(root)[:slices]
         # Best of interleaved rounds: the machine is shared, and interleaving exposes every path to
         # the same background load.
-        engine_s = threads_s = inline_s = naive_s = float("inf")
-        with DecodePool(workers) as pool, DecodePool(workers, kind="threads") as threads, DecodePool(0) as inline:
+        engine_s = threads_s = inline_s = naive_s = script_s = shm_s = float("inf")
+        import multiprocessing
+
+        from spinelevel.bench import naive_script
+
+        paths = [str(f) for f in files]
+        with multiprocessing.get_context("spawn").Pool(workers) as script_pool, DecodePool(workers, slab_spec=spec, slab_rows=4) as shm, DecodePool(workers) as pool, DecodePool(workers, kind="threads") as threads, DecodePool(0) as inline:
             pool.start(wait=True)  # worker start-up and imports are not decoding
+            shm.start(wait=True)
+            _engine(shm, files[: 2 * workers], spec)
+            script_pool.map(naive_script.load, paths[: 2 * workers])
             _engine(pool, files[: 2 * workers], spec)
             _engine(threads, files[: 2 * workers], spec)
             _engine(inline, files[:2], spec)
             naive_preprocess(files[0], card)
             for _ in range(rounds):
                 engine_s = min(engine_s, _engine(pool, files, spec))
+                shm_s = min(shm_s, _engine(shm, files, spec))
+                start = time.perf_counter()
+                list(script_pool.imap(naive_script.load, paths, chunksize=8))
+                script_s = min(script_s, time.perf_counter() - start)
                 threads_s = min(threads_s, _engine(threads, files, spec))
                 inline_s = min(inline_s, _engine(inline, files, spec))
                 start = time.perf_counter()
@@ -98,5 +114,11 @@ def bench_decode(work: Path, size: int = 512, slices: int = 60, input_size: int 
             "speedup": round(naive_s / engine_s, 2),
             "speedup_threads": round(naive_s / threads_s, 2),
             "speedup_one_process": round(naive_s / inline_s, 2),
+            "engine_shared_memory_slices_per_s": round(len(files) / shm_s, 1),
+            "script_slices_per_s": round(len(files) / script_s, 1),
+            "speedup_vs_script": round(script_s / shm_s, 2),
+            "speedup_vs_script_pickling_pool": round(script_s / engine_s, 2),
+            "speedup_vs_script_threads": round(script_s / threads_s, 2),
+            "speedup_vs_script_one_process": round(script_s / inline_s, 2),
         }
     return {"image_size": size, "input_size": input_size, "workers": workers, "rounds": rounds, "timing": "best of interleaved rounds", "codecs": results}

@@ -69,7 +69,7 @@ def _model_for_e2e(work: Path, model: Path | None) -> Path:
     return untrained_onnx("tf_efficientnetv2_b0", 256, work)
 
 
-def run_suite(config: SuiteConfig, work: Path, model: Path | None = None, sections: tuple[str, ...] = ("decode", "inference", "end_to_end", "scaling")) -> dict:
+def run_suite(config: SuiteConfig, work: Path, model: Path | None = None, sections: tuple[str, ...] = ("decode", "inference", "end_to_end", "vs_script", "scaling")) -> dict:
     """Run the chosen sections; returns one JSON-ready dict."""
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -95,6 +95,23 @@ def run_suite(config: SuiteConfig, work: Path, model: Path | None = None, sectio
             long = phantom_archive(work, 1, 512, seed=303, coverage="abdomen_pelvis", thickness_mm=1.25, localizer_probability=0.0, dose_report_probability=0.0, second_recon_probability=0.0)
             result["long_study"] = bench_full_vs_sparse(long, e2e_model, work)
             result["long_study"]["m512_projection"] = _m512_projection(result)
+    if "vs_script" in sections:
+        log.info("end to end against the naive script")
+        from spinelevel.bench.models import toy_onnx
+        from spinelevel.bench.script import bench_startup, bench_vs_script
+        from spinelevel.bench.steps import bench_steps
+
+        archive = phantom_archive(work, config.e2e_studies, 512, seed=17, compression="none", localizer_probability=0.0, dose_report_probability=0.0, second_recon_probability=0.0)
+        toy = toy_onnx(256, work)
+        result["vs_script"] = bench_vs_script(archive, toy, work)
+        import pyarrow.parquet as pq
+
+        files = [archive / p for p in pq.read_table(archive / "labels.parquet", columns=["path"]).column("path").to_pylist()]
+        one = work / "one_file"
+        one.mkdir(exist_ok=True)
+        (one / "slice.dcm").write_bytes(files[0].read_bytes())
+        result["startup"] = bench_startup(one, toy, work)
+        result["steps"] = bench_steps(files[:100])
     if "scaling" in sections:
         log.info("scaling")
         result["scaling"] = bench_scaling(work, e2e_model, config.scaling_sizes, config.scaling_image_size)

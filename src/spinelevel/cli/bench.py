@@ -19,7 +19,7 @@ def bench(
     quick: Annotated[bool, typer.Option("--quick", help="Small sizes: a few minutes on two cores.")] = False,
     work: Annotated[Path, typer.Option("--work", help="Scratch directory for phantom archives and models (kept, reused).")] = Path(".bench-work"),
     model: Annotated[Path | None, typer.Option("--model", "-m", help="ONNX model for the end-to-end runs (default: the demo model).")] = None,
-    only: Annotated[list[str] | None, typer.Option("--only", help="Run only these sections: decode, inference, end_to_end, scaling.")] = None,
+    only: Annotated[list[str] | None, typer.Option("--only", help="Run only these sections: decode, inference, end_to_end, vs_script, scaling.")] = None,
     scaling: Annotated[str | None, typer.Option("--scaling", help="Archive sizes of the scaling section, in studies, comma-separated (default 1,4,16; --quick 1,2,4), e.g. 1,4,16,50.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -31,11 +31,11 @@ def bench(
 
     setup_logging(verbose)
     logging.getLogger("spinelevel.bench").setLevel(logging.INFO)
-    sections = tuple(only) if only else ("decode", "inference", "end_to_end", "scaling")
+    sections = tuple(only) if only else ("decode", "inference", "end_to_end", "vs_script", "scaling")
     with fail_cleanly():
-        bad = [s for s in sections if s not in ("decode", "inference", "end_to_end", "scaling")]
+        bad = [s for s in sections if s not in ("decode", "inference", "end_to_end", "vs_script", "scaling")]
         if bad:
-            raise InputError(f"--only {', '.join(bad)}: choose from decode, inference, end_to_end, scaling")
+            raise InputError(f"--only {', '.join(bad)}: choose from decode, inference, end_to_end, vs_script, scaling")
         config = QUICK if quick else FULL
         if scaling is not None:
             config = replace(config, scaling_sizes=_sizes(scaling))

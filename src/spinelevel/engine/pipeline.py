@@ -247,7 +247,7 @@ class _Scheduler:
             plan = self.plans[no]
             z = np.asarray([s.z_mm for s in plan.slices], dtype=np.float64)
             try:
-                work = _Work(plan, SeriesSampler(z, len(self.classes), self.mode, self.options.sampling))  # type: ignore[arg-type]
+                work = _Work(plan, SeriesSampler(z, len(self.classes), self.mode, self.options.sampling, self.classes, self.options.thresholds))  # type: ignore[arg-type]
                 first = work.sampler.initial()
             except Exception as exc:  # one odd series must not take the run down
                 log.debug("sampling series %s failed", plan.series_uid, exc_info=True)

@@ -13,7 +13,13 @@ the few slices around each level boundary. The sparse search:
    round after round, so that every doubtful stretch (typically the few slices where the model
    hesitates between two levels at a boundary) grows until it is evaluated end to end and bounded by
    confident, consistent slices; there the decoding has the same evidence as a full pass. A series
-   that needs more than ``max_fraction`` of its slices is evaluated in full.
+   that needs more than ``max_fraction`` of its slices is evaluated in full;
+5. (``exact_l3``, when the sampler knows the class names) once the search has settled, if the L3
+   run or its borders are doubtful (any flag of :func:`spinelevel.levels.label_series`, or a
+   doubtful evaluated slice between the L2/L3 and L3/L4 boundaries), evaluates every slice from the
+   last confident, consistent slice above the L3 run to the first one below it, and searches again:
+   where the model hesitates, the L3 pick rests on every slice a full pass would have used (issue 17:
+   a 5 mm series whose sparse pick was 2 slices off the full one).
 
 Unevaluated slices take their level from the decoded order (``label_series`` with ``evaluated``).
 """
@@ -25,7 +31,7 @@ from typing import Literal
 
 import numpy as np
 
-from spinelevel.levels import decode_sequence
+from spinelevel.levels import LevelThresholds, decode_sequence, label_series
 
 __all__ = ["SamplingOptions", "SeriesSampler", "resolve_mode"]
 
@@ -49,6 +55,9 @@ class SamplingOptions:
     densify_rounds: int = 8
     # Above this fraction of evaluated slices a series is simply evaluated in full.
     max_fraction: float = 0.6
+    # Where the L3 run or its borders are doubtful, evaluate every slice from the L2/L3 to the L3/L4
+    # boundary (step 5 above).
+    exact_l3: bool = True
 
 
 def resolve_mode(mode: Mode, gpu_backend: bool) -> Literal["full", "sparse"]:
@@ -65,8 +74,19 @@ class SeriesSampler:
     could not be decoded), then ``next()`` until it returns no index.
     """
 
-    def __init__(self, z_mm: np.ndarray, n_classes: int, mode: Literal["full", "sparse"], options: SamplingOptions = SamplingOptions()) -> None:
+    def __init__(
+        self,
+        z_mm: np.ndarray,
+        n_classes: int,
+        mode: Literal["full", "sparse"],
+        options: SamplingOptions = SamplingOptions(),
+        classes: tuple[str, ...] | None = None,
+        thresholds: LevelThresholds = LevelThresholds(),
+    ) -> None:
+        """``classes`` (names in anatomical order) and ``thresholds`` enable the exact-L3 step."""
         self.z = np.asarray(z_mm, dtype=np.float64)
+        self.classes = tuple(classes) if classes is not None and "L3" in classes else None
+        self.thresholds = thresholds
         self.n = len(self.z)
         self.mode = mode
         self.options = options
@@ -105,13 +125,15 @@ class SeriesSampler:
         fresh = self._bisect()
         if fresh:
             return self._request(fresh)
-        if self._densified >= self.options.densify_rounds:
-            return []
-        self._densified += 1
-        fresh = sorted({j for i in self._doubtful() for j in (self._neighbour(i, -1), self._neighbour(i, 1)) if j is not None})
-        if fresh and self.evaluated.sum() + len(fresh) > self.options.max_fraction * self.n:
-            fresh = [i for i in range(self.n) if self._open(i)]
-        return self._request(fresh)
+        if self._densified < self.options.densify_rounds:
+            self._densified += 1
+            fresh = sorted({j for i in self._doubtful() for j in (self._neighbour(i, -1), self._neighbour(i, 1)) if j is not None})
+            if fresh and self.evaluated.sum() + len(fresh) > self.options.max_fraction * self.n:
+                fresh = [i for i in range(self.n) if self._open(i)]
+            fresh = self._request(fresh)
+            if fresh:
+                return fresh
+        return self._request(self._exact_l3())
 
     # -- internals --------------------------------------------------------------------------
 
@@ -155,12 +177,49 @@ class SeriesSampler:
             fresh.append(min(candidates, key=lambda i: (abs(i - mid), i)))
         return fresh
 
-    def _doubtful(self) -> list[int]:
+    def _doubtful_mask(self) -> tuple[np.ndarray, np.ndarray]:
+        """Evaluated indices and whether each is doubtful (argmax off the decoded order, or unsure)."""
         ev, dec = self._decoded()
         if len(ev) == 0:
-            return []
+            return ev, np.zeros(0, dtype=bool)
         p = self.probs[ev]
-        argmax = np.argmax(p, axis=1)
-        top = p.max(axis=1)
-        bad = (argmax != dec) | (top < self.options.min_confidence)
+        return ev, (np.argmax(p, axis=1) != dec) | (p.max(axis=1) < self.options.min_confidence)
+
+    def _doubtful(self) -> list[int]:
+        ev, bad = self._doubtful_mask()
         return [int(i) for i in ev[bad]]
+
+    def _exact_l3(self) -> list[int]:
+        """Every open slice from the L2/L3 to the L3/L4 boundary when the L3 run is doubtful."""
+        if self.mode != "sparse" or not self.options.exact_l3 or self.classes is None or not self.evaluated.any():
+            return []
+        levels = label_series(self.probs, self.z, self.classes, self.evaluated, self.thresholds)
+        if levels.l3_first_index is not None:
+            first, last = sorted((int(levels.l3_first_index), int(levels.l3_last_index)))  # type: ignore[arg-type]
+        else:  # no L3 decoded: the gap between the last L2 and the first L4 slice, if both are there
+            l3 = self.classes.index("L3")
+            below = [i for i, lv in enumerate(levels.levels) if lv in self.classes[:l3]]
+            above = [i for i, lv in enumerate(levels.levels) if lv in self.classes[l3 + 1 :]]
+            if not below or not above:
+                return []
+            # the levels are ordered along the series, so the two sides do not interleave
+            first, last = (max(below), min(above)) if max(below) < min(above) else (max(above), min(below))
+        ev, bad = self._doubtful_mask()
+        sure = set(int(i) for i in ev[~bad])
+        def _edge(steps: range, end: int) -> int:
+            # out from the run to where two adjacent evaluated slices are confident, consistent and
+            # not L3 (one such slice inside a hesitant stretch is chance); unevaluated slices there
+            # are asked for, and the next round looks again
+            run = 0
+            for i in steps:
+                run = run + 1 if i in sure and levels.levels[i] != "L3" else 0
+                if run == 2:
+                    return i
+            return end
+
+        lo = _edge(range(first - 1, -1, -1), 0)
+        hi = _edge(range(last + 1, self.n), self.n - 1)
+        inside = (ev >= lo) & (ev <= hi)
+        if not levels.flags and not bad[inside].any():
+            return []
+        return [i for i in range(lo, hi + 1) if self._open(i)]
