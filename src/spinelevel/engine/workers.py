@@ -415,9 +415,25 @@ class DecodePool:
     def _fill(self) -> None:
         if self._pool is None:
             self._restart()
+        restarts = 0
         while self._queue and len(self._in_flight) < self.max_in_flight:
             task = self._take_slab(self._queue.popleft())
-            self._in_flight.append((task, self._pool.submit(prepare, task)))  # type: ignore[union-attr]
+            try:
+                future = self._pool.submit(prepare, task)  # type: ignore[union-attr]
+            except BrokenProcessPool:
+                # A worker died after the last result came back: the executor notices on its own
+                # thread, so submit can fail before any future says so. Put the task back; the
+                # futures in flight raise BrokenProcessPool and get() recovers. With none in
+                # flight, recover here: a fresh pool for what is queued.
+                self._queue.appendleft(self._drop_slab(task))
+                if self._in_flight:
+                    return
+                restarts += 1
+                if restarts > 3:
+                    raise InputError("decode worker processes keep dying as they start; run with --workers 0") from None
+                self._restart()
+                continue
+            self._in_flight.append((task, future))
 
     def _restart(self) -> None:
         if self._pool is not None:
