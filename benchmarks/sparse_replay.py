@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--stride", type=float, nargs="+", default=[SamplingOptions.stride_mm])
     parser.add_argument("--min-confidence", type=float, nargs="+", default=[SamplingOptions.min_confidence])
     parser.add_argument("--rounds", type=int, nargs="+", default=[SamplingOptions.densify_rounds])
-    parser.add_argument("--no-exact-l3", action="store_true", help="replay without the exact-L3 step (the sampler before issue 17)")
+    parser.add_argument("--exact-l3", action="store_true", help="replay with the exact-L3 step (spinelevel run --exact-l3; off by default)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     series: list[tuple[np.ndarray, np.ndarray]] = []
@@ -89,7 +89,7 @@ def main() -> None:
         series += found
     rows = [
         replay(series, classes, SamplingOptions(mode="sparse", stride_mm=s, min_confidence=c, densify_rounds=r, exact_l3=e))
-        for s, c, r, e in itertools.product(args.stride, args.min_confidence, args.rounds, [True] if args.no_exact_l3 is False else [False])
+        for s, c, r, e in itertools.product(args.stride, args.min_confidence, args.rounds, [args.exact_l3])
     ]
     result = {
         "machine": describe_machine(),

@@ -149,7 +149,7 @@ def _hesitant_l3(seed: int, spacing: float = 5.0) -> tuple[np.ndarray, np.ndarra
 def test_exact_l3_gives_the_full_pick_where_the_model_hesitates(seed: int, spacing: float) -> None:
     z, probs = _hesitant_l3(seed, spacing)
     full = label_series(probs, z, CLASSES)
-    sampler = SeriesSampler(z, K, "sparse", SamplingOptions(stride_mm=20), classes=CLASSES)
+    sampler = SeriesSampler(z, K, "sparse", SamplingOptions(stride_mm=20, exact_l3=True), classes=CLASSES)
     _drive(sampler, probs)
     sparse = label_series(sampler.probs, z, CLASSES, sampler.evaluated)
     assert sparse.l3_index == full.l3_index
@@ -161,7 +161,7 @@ def test_exact_l3_costs_nothing_on_a_confident_series() -> None:
     z, probs = np.arange(len(truth)) * 2.5, _oracle(truth)
     counts = []
     for classes in (None, CLASSES):
-        sampler = SeriesSampler(z, K, "sparse", SamplingOptions(stride_mm=20), classes=classes)
+        sampler = SeriesSampler(z, K, "sparse", SamplingOptions(stride_mm=20, exact_l3=True), classes=classes)
         _drive(sampler, probs)
         counts.append(int(sampler.evaluated.sum()))
     assert counts[0] == counts[1]

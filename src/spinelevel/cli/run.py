@@ -114,6 +114,7 @@ def run(
     sampling: Annotated[Sampling, typer.Option("--sampling", help="Slices the model sees: full (all), sparse (boundary search), auto (sparse on CPU, full on GPU).")] = Sampling.auto,
     stride_mm: Annotated[float, typer.Option("--stride-mm", min=1.0, help="Coarse stride of the sparse search in mm.")] = SamplingOptions.stride_mm,
     min_confidence: Annotated[float, typer.Option("--min-confidence", min=0.0, max=1.0, help="Sparse search: evaluated slices whose top probability is below this get their neighbours evaluated.")] = SamplingOptions.min_confidence,
+    exact_l3: Annotated[bool, typer.Option("--exact-l3", help="Sparse search: where the L3 run or its borders are doubtful, evaluate every slice from the L2/L3 to the L3/L4 boundary, so the pick equals a full run's (costs slices).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Redo every series, replacing the rows earlier runs wrote into --out (default: resume, skipping series already done).")] = False,
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="Skip slices with more pixels (Rows x Columns).")] = 4096 * 4096,
     max_slices: Annotated[int, typer.Option("--max-slices", min=1, help="Skip series with more slices.")] = 5000,
@@ -166,7 +167,7 @@ def run(
         rows_per_part=rows_per_part,
         select=SelectOptions(min_slices=min_slices, max_pixels=max_pixels, max_slices=max_slices),
         scan=ScanOptions(keep_tags=tuple(keep_phi or ())),
-        sampling=SamplingOptions(mode=sampling.value, stride_mm=stride_mm, min_confidence=min_confidence),
+        sampling=SamplingOptions(mode=sampling.value, stride_mm=stride_mm, min_confidence=min_confidence, exact_l3=exact_l3),
         dicomweb=queries,
     )
     show = not quiet and stderr.is_terminal
