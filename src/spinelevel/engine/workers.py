@@ -66,6 +66,10 @@ class DecodeTask:
     j2k_decoder: str = "cpu"
     # CUDA device of a GPU JPEG 2000 decoder.
     j2k_device: int = 0
+    # DICOMweb sources of one series: the SOPInstanceUIDs of this round of the series (this task's
+    # among them), retrieved together in one series request and kept by the worker for the round's
+    # other tasks (dicomweb.prefetch_series); () retrieves each instance alone.
+    series_sops: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,13 @@ def prepare(task: DecodeTask) -> Prepared:
     in_child = multiprocessing.parent_process() is not None
     records_before = thirdparty_log.record_count()
     frames = task.frames or (None,) * len(task.indices)
+    if task.series_sops:
+        from spinelevel.engine.dicomweb import prefetch_series
+
+        try:
+            prefetch_series(task.sources, task.series_sops, task.max_bytes)
+        except Exception:  # each instance is then retrieved alone, and fails there with its reason
+            log.debug("series retrieval failed", exc_info=True)
     for index, src, sop, frame in zip(task.indices, task.sources, task.sop_uids, frames):
         if crash_sop and sop == crash_sop and in_child:
             os._exit(70)
