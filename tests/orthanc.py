@@ -12,6 +12,7 @@ import glob
 import http.client
 import http.server
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -147,11 +148,16 @@ class Orthanc:
         return out
 
 
+def _is_retrieval(path: str) -> bool:
+    """A WADO-RS instance or series retrieval (not metadata, not a QIDO-RS query)."""
+    return re.search(r"/series/[^/?]+(/instances/[^/?]+)?$", path.split("?", 1)[0]) is not None
+
+
 class FaultProxy:
     """An HTTP proxy in front of a server that misbehaves on purpose.
 
     ``mode``: "pass"; "503" (the next ``count`` answers are 503, then pass); "truncate" (answers to
-    instance retrievals lose their second half and the closing boundary).
+    instance and series retrievals lose their second half and the closing boundary).
     """
 
     def __init__(self, upstream_port: int) -> None:
@@ -182,7 +188,7 @@ class FaultProxy:
                 resp = conn.getresponse()
                 body = resp.read()
                 conn.close()
-                if proxy.mode == "truncate" and "/instances/" in self.path and resp.status == 200:
+                if proxy.mode == "truncate" and _is_retrieval(self.path) and resp.status == 200:
                     body = body[: len(body) // 2]
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():

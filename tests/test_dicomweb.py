@@ -159,8 +159,9 @@ class _StopAfterFirstSeries:
 
 def test_server_stopped_mid_run_then_restarted_and_the_run_repeated(tmp_path: Path, loaded: Orthanc, archive: Path, model_path: Path, creds: None) -> None:
     out = tmp_path / "out"
-    # full sampling, decoded in this process: the second series is still being read when the first is done
-    options = RunOptions(workers=0, sampling=SamplingOptions(mode="full"), dicomweb=_query(loaded.input, tries=2, backoff_s=0.1, timeout_s=5))
+    # full sampling, decoded in this process, instances one by one (a series retrieval would bring all
+    # 30 slices of the second series at its first task): it is still being read when the first is done
+    options = RunOptions(workers=0, sampling=SamplingOptions(mode="full"), dicomweb=_query(loaded.input, tries=2, backoff_s=0.1, timeout_s=5, series_fraction=2.0))
     first = run([], model_path, out, options, _StopAfterFirstSeries(loaded))
     assert (first.series_ok, first.series_error) == (1, 1)
     err = [r for r in pq.read_table(out / "series").to_pylist() if r["status"] == "error"]
@@ -241,3 +242,15 @@ def test_date_range_selects_studies(tmp_path: Path, loaded: Orthanc, model_path:
     # the synthetic study has no StudyDate: a date range leaves it out
     assert list(DicomwebScanner(DicomwebQuery(conn, since="20260101"))) == []
     assert len([h for h in DicomwebScanner(DicomwebQuery(conn)) if hasattr(h, "sop_uid")]) == 61
+
+
+def test_full_run_retrieves_each_series_in_one_request(tmp_path: Path, loaded: Orthanc, archive: Path, model_path: Path, creds: None) -> None:
+    full = SamplingOptions(mode="full")
+    with FaultProxy(loaded.port) as proxy:
+        by_series = run([], model_path, tmp_path / "series", RunOptions(workers=0, sampling=full, dicomweb=_query(proxy.input)))
+        requests = proxy.requests
+    assert by_series.series_ok == 2
+    # QIDO-RS, two metadata resources, two series retrievals: far fewer than the 60 instances
+    assert requests < 12, requests
+    run([archive], model_path, tmp_path / "local", RunOptions(workers=0, sampling=full))
+    assert _rows(tmp_path / "series", "slices") == _rows(tmp_path / "local", "slices")

@@ -97,3 +97,23 @@ def test_outputs_of_earlier_versions_are_rekeyed_not_redone(tmp_path: Path, mode
 
     state = load_state(out)
     assert {uid: e.key for uid, e in state.series.items()} == {s.series_uid: new_key(sha, s) for s in sel.skipped_series}
+
+
+def test_streamed_multipart_parts_truncation_and_size() -> None:
+    from spinelevel.engine.dicomweb import _multipart_parts, _Oversized, _Truncated
+
+    class _Answer:
+        def __init__(self, body: bytes) -> None:
+            self.headers = {"Content-Type": 'multipart/related; type="application/dicom"; boundary="b0"'}
+            self.body = body
+
+        def iter_content(self, chunk_size: int):  # noqa: ANN201 - 3-byte chunks: boundaries straddle them
+            return (self.body[i : i + 3] for i in range(0, len(self.body), 3))
+
+    part = b"Content-Type: application/dicom\r\n\r\n"
+    body = b"--b0\r\n" + part + b"AAAA\r\n--b0\r\n" + part + b"BB\r\n--b0--\r\n"
+    assert list(_multipart_parts(_Answer(body), 100)) == [b"AAAA", b"BB"]
+    with pytest.raises(_Truncated):
+        list(_multipart_parts(_Answer(body[: len(body) - 12]), 100))
+    with pytest.raises(_Oversized):
+        list(_multipart_parts(_Answer(body), 3))

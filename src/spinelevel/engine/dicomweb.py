@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import io
+import itertools
 import logging
 import os
 import re
@@ -53,6 +54,7 @@ __all__ = [
     "check_server",
     "instance_source",
     "retrieve_dataset",
+    "prefetch_series",
     "read_instance",
     "store_instances",
 ]
@@ -72,6 +74,12 @@ _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _NO_METADATA_STATUS = frozenset({400, 404, 405, 406, 501})
 # Accept any transfer syntax: the instance as stored, no transcoding on the server.
 _AS_STORED = (("application/dicom", "*"),)
+# The same, as the Accept header of a streamed series retrieval.
+_AS_STORED_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+# Statuses of a series retrieval that a server does not offer: the instances are retrieved one by one.
+_NO_SERIES_RETRIEVE_STATUS = frozenset({400, 404, 405, 406, 501})
+# Bytes read from a streamed answer at a time.
+_STREAM_CHUNK = 1 << 20
 # Results asked for per QIDO-RS page.
 _PAGE = 1000
 # Most pages of one query (a server that ignores offset must not keep a run asking forever).
@@ -94,6 +102,12 @@ class DicomwebConnection:
     backoff_s: float = 0.5
     # Most seconds spent waiting between the tries of one request.
     max_retry_s: float = 60.0
+    # Retrieve a series' instances in one streamed WADO-RS series request (the ones not asked for are
+    # skipped) when a round of decoding asks for at least this fraction of them; fewer go one request
+    # per instance. 0: always by series; above 1: never. On loopback Orthanc a series answer costs
+    # about 1/40 of an instance request per instance, so 10% (the sparse search's first round at
+    # 2.5 mm slices) already pays; BENCHMARKS.md.
+    series_fraction: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -182,6 +196,9 @@ def _check_response(max_bytes: int) -> Callable:
     """A requests response hook: refuse oversized and truncated multipart responses."""
 
     def hook(response, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if kwargs.get("stream"):
+            # a streamed series retrieval: its reader checks each part's size and the closing boundary
+            return response
         length = response.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > max_bytes:
             raise _Oversized(f"the answer is {length} bytes, over the {max_bytes}-byte limit")
@@ -365,6 +382,9 @@ def retrieve_dataset(src: Source, max_bytes: int):  # noqa: ANN201 - pydicom Dat
     Raises:
         RemoteReadError: not retrievable after retries (the message names the URL and HTTP status).
     """
+    cached = _cached_dataset(src)
+    if cached is not None:
+        return cached
     conn = _connection(src)
     study, series, sop = _uids(src)
     client = _client(conn, max_bytes)
@@ -392,6 +412,167 @@ def read_instance(src: Source, max_bytes: int) -> bytes:
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=False)
     return buf.getvalue()
+
+
+# -- series retrieval: one streamed request for many instances -------------------------------
+
+
+def _multipart_parts(response, max_bytes: int) -> Iterator[bytes]:  # noqa: ANN001 - requests Response
+    """The bodies of a streamed multipart/related answer, one at a time (memory: one part).
+
+    Raises:
+        _Truncated: the answer ends before its closing boundary.
+        _Oversized: a part is over ``max_bytes``.
+        ValueError: not a multipart answer, or a part without headers.
+    """
+    ctype = response.headers.get("Content-Type", "")
+    match = re.search(r'boundary="?([^";]+)"?', ctype)
+    if not ctype.lower().startswith("multipart/related") or not match:
+        raise ValueError(f"not a multipart/related answer ({ctype.split(';')[0] or 'no Content-Type'})")
+    marker = b"--" + match.group(1).strip().encode()
+    delimiter = b"\r\n" + marker
+    # the first delimiter may come without its CRLF (at the very start of the body)
+    buf = bytearray(b"\r\n")
+    started = after_delimiter = False
+    for chunk in response.iter_content(chunk_size=_STREAM_CHUNK):
+        buf += chunk
+        while True:
+            if after_delimiter:
+                if len(buf) < 2:
+                    break
+                if buf[:2] == b"--":
+                    return  # the closing boundary: the answer is complete
+                after_delimiter = False
+            at = buf.find(delimiter)
+            if at < 0:
+                if len(buf) > max_bytes + (64 << 10):
+                    raise _Oversized(f"an instance in the answer is over the {max_bytes}-byte limit")
+                break
+            if started:
+                part = bytes(buf[:at])
+                head_end = part.find(b"\r\n\r\n")
+                if head_end < 0:
+                    raise ValueError("a multipart part without headers")
+                body = part[head_end + 4 :]
+                if len(body) > max_bytes:
+                    raise _Oversized(f"an instance in the answer is {len(body)} bytes, over the {max_bytes}-byte limit")
+                yield body
+            started = after_delimiter = True
+            del buf[: at + len(delimiter)]
+    raise _Truncated("the multipart answer ends before its closing boundary (cut short)")
+
+
+def _part_sop(part: bytes) -> str:
+    """The SOPInstanceUID of one retrieved instance, read from its header only."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(part), force=True, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+    uid = str(ds.get("SOPInstanceUID", "") or "").strip()
+    if not uid:
+        meta = getattr(ds, "file_meta", None)
+        uid = str(getattr(meta, "MediaStorageSOPInstanceUID", "") or "").strip() if meta is not None else ""
+    return uid
+
+
+class _SeriesCache(threading.local):
+    """This thread's instances of one series, retrieved together and not yet decoded.
+
+    Holds at most one series, and of it only the instances of the round asked for (``prefetch_series``);
+    each is dropped when it is taken. Per thread, like the clients.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.parts: dict[str, bytes] = {}
+        # SOPInstanceUID -> why the series retrieval failed (a transient failure after retries)
+        self.failed: dict[str, str] = {}
+        # connections whose server has no series retrieval: instances one by one
+        self.unsupported: set[DicomwebConnection] = set()
+
+    def clear(self) -> None:
+        self.key, self.parts, self.failed = None, {}, {}
+
+
+_SERIES = _SeriesCache()
+
+
+def _retrieve_parts(conn: DicomwebConnection, study: str, series: str, wanted: frozenset[str], max_bytes: int) -> dict[str, bytes]:
+    """The instances ``wanted`` of one series, from one streamed series retrieval (others skipped)."""
+    client = _client(conn, max_bytes)
+    url = f"{conn.url}/studies/{study}/series/{series}"
+
+    def fetch() -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        response = client._session.get(url, headers={"Accept": _AS_STORED_ACCEPT}, stream=True, timeout=(conn.timeout_s, conn.timeout_s))
+        with response:
+            response.raise_for_status()
+            for part in _multipart_parts(response, max_bytes):
+                try:
+                    sop = _part_sop(part)
+                except Exception:
+                    continue  # unreadable: its instance is retrieved alone, and fails there with a reason
+                if sop in wanted:
+                    found[sop] = part
+        return found
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's value warnings
+        return _call(conn, "WADO-RS series retrieve", url, fetch)
+
+
+def prefetch_series(sources: tuple[Source, ...], wanted: tuple[str, ...], max_bytes: int) -> None:
+    """Make this thread's series cache hold the instances of ``sources`` (all of one series).
+
+    When the cache does not hold them, the series is retrieved in one streamed request and the
+    instances ``wanted`` (the SOPInstanceUIDs of this round of the series, ``sources``' among them)
+    are kept, replacing what the cache held. A server without series retrieval, or a series answer
+    over the size limit, leaves the cache empty: ``retrieve_dataset`` then asks for each instance.
+    A transient failure after retries is recorded for each instance wanted, so they fail with it.
+    """
+    if not sources:
+        return
+    conn = _connection(sources[0])
+    study, series, _ = _uids(sources[0])
+    key = (conn, study, series)
+    sops = {_uids(src)[2] for src in sources}
+    if _SERIES.key == key and all(sop in _SERIES.parts or sop in _SERIES.failed for sop in sops):
+        return
+    _SERIES.clear()
+    if conn in _SERIES.unsupported or any(_uids(src)[:2] != (study, series) for src in sources):
+        return
+    try:
+        parts = _retrieve_parts(conn, study, series, frozenset(wanted) | sops, max_bytes)
+    except DicomwebError as exc:
+        if exc.status in _NO_SERIES_RETRIEVE_STATUS and exc.status != 404:
+            log.info("%s: no series retrieval (HTTP %s); retrieving instances one by one", conn.url, exc.status)
+            _SERIES.unsupported.add(conn)
+        elif exc.transient:
+            _SERIES.key, _SERIES.failed = key, dict.fromkeys(set(wanted) | sops, str(exc))
+        return  # oversized, 404 or another permanent failure: each instance on its own says why
+    _SERIES.key, _SERIES.parts = key, parts
+
+
+def _cached_dataset(src: Source):  # noqa: ANN202 - pydicom Dataset or None
+    """The instance ``src`` from this thread's series cache (taken out of it), or None."""
+    if _SERIES.key is None or not (_SERIES.parts or _SERIES.failed):
+        return None
+    study, series, sop = _uids(src)
+    if _SERIES.key != (_connection(src), study, series):
+        return None
+    reason = _SERIES.failed.pop(sop, None)
+    if reason is not None:
+        raise RemoteReadError(reason)
+    part = _SERIES.parts.pop(sop, None)
+    if part is None:
+        return None
+    import pydicom
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(io.BytesIO(part))
+    except Exception as exc:  # the bytes came, they are not DICOM
+        raise RemoteReadError(f"{src.label}: the retrieved instance is unreadable ({type(exc).__name__})") from None
 
 
 # -- scan: QIDO-RS, then series metadata -------------------------------------------------------
@@ -430,8 +611,10 @@ def _date_range(query: DicomwebQuery) -> str | None:
 class DicomwebScanner:
     """Yields a header (or a skip record) for every instance of the series that ``query`` selects.
 
-    Memory holds one series' metadata at a time. ``series_labels`` collects the URL of every series
-    listed, so skip rows of a series that failed before are replaced when it is met again.
+    Memory holds the metadata of two series at a time: the next series' metadata is requested (in a
+    thread) while the headers of one are read, so the server's work overlaps with ours.
+    ``series_labels`` collects the URL of every series listed, so skip rows of a series that failed
+    before are replaced when it is met again.
     """
 
     query: DicomwebQuery
@@ -440,16 +623,25 @@ class DicomwebScanner:
     series_labels: set[str] = field(default_factory=set)
 
     def __iter__(self) -> Iterator[FileHeader | SkippedFile]:
+        from concurrent.futures import ThreadPoolExecutor
+
         conn = self.query.connection
-        for study in self._studies():
-            for series in self._series(study):
-                url = f"{conn.url}/studies/{study}/series/{series}"
-                self.series_labels.add(url)
-                try:
-                    yield from self._series_headers(study, series)
-                except DicomwebError as exc:
-                    # never entered into the output state: the next run reads the series again
-                    yield SkippedFile(Source(url, "dicomweb"), f"series headers could not be read: {exc}; re-run to retry")
+        pairs = ((study, series) for study in self._studies() for series in self._series(study))
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spinelevel-metadata") as ahead:
+            pending = None
+            for pair in itertools.chain(pairs, [None]):
+                # ask for this series' metadata, then read the headers of the one before
+                submitted = (pair, ahead.submit(self._metadata, *pair)) if pair is not None else None
+                if pending is not None:
+                    (study, series), future = pending
+                    url = f"{conn.url}/studies/{study}/series/{series}"
+                    self.series_labels.add(url)
+                    try:
+                        yield from self._series_headers(study, series, future)
+                    except DicomwebError as exc:
+                        # never entered into the output state: the next run reads the series again
+                        yield SkippedFile(Source(url, "dicomweb"), f"series headers could not be read: {exc}; re-run to retry")
+                pending = submitted
 
     def _studies(self) -> list[str]:
         conn = self.query.connection
@@ -485,12 +677,18 @@ class DicomwebScanner:
             "0020000E",
         )
 
-    def _series_headers(self, study: str, series: str) -> Iterator[FileHeader | SkippedFile]:
+    def _metadata(self, study: str, series: str) -> list[dict]:
+        """The series metadata resource (DICOM JSON, one item per instance); runs in a thread."""
         conn = self.query.connection
         client = _client(conn)
         url = f"{conn.url}/studies/{study}/series/{series}/metadata"
+        return _call(conn, "the series metadata request", url, lambda: client.retrieve_series_metadata(study, series))
+
+    def _series_headers(self, study: str, series: str, metadata) -> Iterator[FileHeader | SkippedFile]:  # noqa: ANN001 - Future
+        conn = self.query.connection
+        url = f"{conn.url}/studies/{study}/series/{series}/metadata"
         try:
-            items = _call(conn, "the series metadata request", url, lambda: client.retrieve_series_metadata(study, series))
+            items = metadata.result()
         except DicomwebError as exc:
             if exc.status not in _NO_METADATA_STATUS:
                 raise
@@ -522,9 +720,22 @@ class DicomwebScanner:
             yield from _read_header_stream(src, io.BytesIO(data), self.options.keep_tags)
 
 
-def _no_bulk(*args: object) -> None:
-    """Bulk data (pixels, large values) is never fetched while scanning."""
-    return None
+def _no_bulk(item: dict) -> dict:
+    """``item`` with its bulk data references (pixels, large values) turned into empty values.
+
+    Bulk data is never fetched while scanning. Dropping the references before
+    ``Dataset.from_json``, rather than passing it a handler, also saves pydicom an
+    ``inspect.signature`` of the handler for every element (most of the scan's time).
+    """
+    out = {}
+    for tag, element in item.items():
+        if isinstance(element, dict):
+            if "BulkDataURI" in element:
+                element = {"vr": element.get("vr", "UN")}
+            elif element.get("vr") == "SQ" and isinstance(element.get("Value"), list):
+                element = dict(element, Value=[_no_bulk(x) if isinstance(x, dict) else x for x in element["Value"]])
+        out[tag] = element
+    return out
 
 
 def _headers_from_json(conn: DicomwebConnection, study: str, series: str, item: dict, options: ScanOptions) -> list[FileHeader | SkippedFile]:
@@ -545,7 +756,7 @@ def _headers_from_json(conn: DicomwebConnection, study: str, series: str, item: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom quotes odd values (patient data) in its warnings
         try:
-            ds = pydicom.Dataset.from_json(body, bulk_data_uri_handler=_no_bulk)
+            ds = pydicom.Dataset.from_json(_no_bulk(body))
             ds.file_meta = FileMetaDataset(pydicom.Dataset.from_json(meta)) if meta else FileMetaDataset()
             if tsyntax:
                 ds.file_meta.TransferSyntaxUID = tsyntax

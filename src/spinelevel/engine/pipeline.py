@@ -261,6 +261,7 @@ class _Scheduler:
         # Archive members are read in archive order (cheap forward seeks in compressed tars).
         order = sorted(indices, key=lambda i: (slices[i].source.path, slices[i].source.offset, slices[i].frame or 0, i))
         chunk = max(1, self.options.chunk_slices)
+        series_sops = _series_round(slices, order)
         for start in range(0, len(order), chunk):
             idx = tuple(order[start : start + chunk])
             self.pool.submit(
@@ -276,6 +277,7 @@ class _Scheduler:
                     spacing=work.plan.pixel_spacing,
                     j2k_decoder=self.options.j2k_decoder,
                     j2k_device=_device_index(self.options.device),
+                    series_sops=series_sops,
                 )
             )
         work.outstanding += len(order)
@@ -378,6 +380,27 @@ class _Scheduler:
         except Exception as exc:  # one odd series must not take the run down
             log.debug("labelling series %s failed", work.plan.series_uid, exc_info=True)
             return _unexpected(exc, "labelling the series")
+
+
+def _series_round(slices: list, order: list[int]) -> tuple[str, ...]:
+    """The SOPInstanceUIDs of a round to retrieve in one series request, or () for one by one.
+
+    By series when every slice of the round is a DICOMweb instance of one series and the round asks
+    for at least the connection's ``series_fraction`` of the series' instances.
+    """
+    if not order:
+        return ()
+    first = slices[order[0]].source
+    if first.kind != "dicomweb" or first.remote is None:
+        return ()
+    prefix = (first.member or "").rsplit("/instances/", 1)[0]
+    if any(slices[i].source.kind != "dicomweb" or slices[i].source.remote != first.remote or not (slices[i].source.member or "").startswith(prefix + "/instances/") for i in order):
+        return ()
+    sops = tuple(dict.fromkeys(slices[i].source.member.rsplit("/", 1)[1] for i in order))
+    total = len({sl.source.member for sl in slices})
+    if len(sops) < first.remote.series_fraction * total:
+        return ()
+    return sops
 
 
 def finish_series(plan: SeriesPlan, sampler: SeriesSampler, failures: dict[int, str], classes: tuple[str, ...], options: RunOptions) -> SeriesResult | None:

@@ -77,6 +77,10 @@ class DecodeTask:
     # Slot of the shared-memory ring the worker writes the model input into (-1: return it pickled);
     # set by the pool.
     slab: int = -1
+    # DICOMweb sources of one series: the SOPInstanceUIDs of this round of the series (this task's
+    # among them), retrieved together in one series request and kept by the worker for the round's
+    # other tasks (dicomweb.prefetch_series); () retrieves each instance alone.
+    series_sops: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,13 @@ def prepare(task: DecodeTask) -> Prepared:
     records_before = thirdparty_log.record_count()
     frames = task.frames or (None,) * len(task.indices)
     out = _SLAB_MAP.rows(task) if task.slab >= 0 and task.preprocess != "dali" else None
+    if task.series_sops:
+        from spinelevel.engine.dicomweb import prefetch_series
+
+        try:
+            prefetch_series(task.sources, task.series_sops, task.max_bytes)
+        except Exception:  # each instance is then retrieved alone, and fails there with its reason
+            log.debug("series retrieval failed", exc_info=True)
     for index, src, sop, frame in zip(task.indices, task.sources, task.sop_uids, frames):
         if crash_sop and sop == crash_sop and in_child:
             os._exit(70)
