@@ -7,7 +7,7 @@ The geometry, pixel spacing and rescale of a frame live in the Per-frame Functio
 
 from __future__ import annotations
 
-__all__ = ["MULTIFRAME_CT", "is_multiframe_ct", "frame_value", "frame_count"]
+__all__ = ["MULTIFRAME_CT", "is_multiframe_ct", "frame_value", "frame_count", "encapsulated_frame"]
 
 # SOP classes whose frames are axial CT slices with functional groups.
 MULTIFRAME_CT = {
@@ -27,6 +27,19 @@ def frame_count(ds) -> int:  # noqa: ANN001 - pydicom Dataset
         return max(1, int(ds.get("NumberOfFrames", 1) or 1))
     except (TypeError, ValueError):
         return 1
+
+
+def encapsulated_frame(ds, index: int) -> bytes | None:  # noqa: ANN001 - pydicom Dataset
+    """The encoded bytes of frame ``index`` (0-based) of encapsulated pixel data, or None if absent.
+
+    pydicom's ``encaps.get_frame`` (Basic or Extended Offset Table, else fragments split by frame).
+    """
+    from pydicom.encaps import get_frame
+
+    try:
+        return bytes(get_frame(ds.PixelData, index, number_of_frames=frame_count(ds)))
+    except (ValueError, IndexError):
+        return None
 
 
 def _item(ds, keyword: str):  # noqa: ANN001, ANN202

@@ -144,13 +144,9 @@ def extract_frame(ds, index: int, transfer_syntax: str) -> J2kFrame:  # noqa: AN
     Raises:
         DecodeError: the encapsulated pixel data holds fewer frames.
     """
-    from pydicom.encaps import generate_frames
+    from spinelevel.engine.frames import encapsulated_frame
 
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    frames = generate_frames(ds.PixelData, number_of_frames=n_frames)
-    for _ in range(index):
-        next(frames, None)
-    encoded = next(frames, None)
+    encoded = encapsulated_frame(ds, index)
     if encoded is None:
         raise DecodeError(f"the JPEG 2000 pixel data holds fewer than {index + 1} frames")
     bits_allocated = int(ds.get("BitsAllocated", 16) or 16)

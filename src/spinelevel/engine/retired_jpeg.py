@@ -50,7 +50,8 @@ def decode_frame(ds, index: int) -> np.ndarray:  # noqa: ANN001 - pydicom Datase
     if not gdcm_available():
         raise DecodeError(f"{transfer_syntax_name(tsyntax)} is a retired JPEG transfer syntax; pip install {GDCM_REQUIRES} to decode it")
     import gdcm
-    from pydicom.encaps import generate_frames
+
+    from spinelevel.engine.frames import encapsulated_frame
 
     rows, columns = int(ds.Rows), int(ds.Columns)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
@@ -59,11 +60,7 @@ def decode_frame(ds, index: int) -> np.ndarray:  # noqa: ANN001 - pydicom Datase
     bits_allocated = int(ds.BitsAllocated)
     bits_stored = int(ds.get("BitsStored", bits_allocated) or bits_allocated)
     signed = int(ds.get("PixelRepresentation", 0) or 0)
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    frames = generate_frames(ds.PixelData, number_of_frames=n_frames)
-    for _ in range(index):
-        next(frames, None)
-    encoded = next(frames, None)
+    encoded = encapsulated_frame(ds, index)
     if encoded is None:
         raise DecodeError(f"{transfer_syntax_name(tsyntax)}: the pixel data holds fewer than {index + 1} frames")
 
