@@ -117,3 +117,24 @@ def test_streamed_multipart_parts_truncation_and_size() -> None:
         list(_multipart_parts(_Answer(body[: len(body) - 12]), 100))
     with pytest.raises(_Oversized):
         list(_multipart_parts(_Answer(body), 3))
+
+
+@pytest.mark.parametrize(("transient", "expected"), [(True, "RemoteReadError"), (False, "DecodeError")])
+def test_only_transient_retrieval_failures_make_the_series_a_retry(monkeypatch: pytest.MonkeyPatch, transient: bool, expected: str) -> None:
+    """A 404 (instance deleted on the PACS) or an oversized instance is permanent: a dropped slice, not
+    a series every nightly run would redo; a timeout or a 503 is worth the next run's retry."""
+    from spinelevel.engine import dicomweb
+    from spinelevel.engine.sources import Source
+    from spinelevel.errors import DicomwebError
+
+    def failing(conn, what, url, fn):  # noqa: ANN001, ANN202
+        raise DicomwebError(f"{url}: HTTP {503 if transient else 404}", status=503 if transient else 404, transient=transient)
+
+    monkeypatch.setattr(dicomweb, "_call", failing)
+    monkeypatch.setattr(dicomweb, "_connection", lambda src: object())
+    monkeypatch.setattr(dicomweb, "_client", lambda conn, max_bytes=0: object())
+    monkeypatch.setattr(dicomweb, "_cached_dataset", lambda src: None)
+    src = Source("http://127.0.0.1:1/dicom-web", "dicomweb", "studies/1.2/series/1.2.3/instances/1.2.3.4")
+    with pytest.raises(Exception) as info:
+        dicomweb.retrieve_dataset(src, 1 << 20)
+    assert type(info.value).__name__ == expected

@@ -172,3 +172,20 @@ def test_dali_mixed_decoder_is_bit_exact_for_unsigned_ct() -> None:
     decoded = dali.DaliJ2kDecoder(device="mixed", batch_size=4).decode([_frame(f, 12, False) for f in frames])
     for want, got in zip(frames, decoded):
         assert np.array_equal(gpu_j2k.to_stored(got, _frame(want, 12, False)), want)
+
+
+def test_gpu_j2k_paths_are_per_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DALI pipeline (feed_input then run) must not be shared by decode threads, which would swap
+    slices between them: each thread gets its own decoder and counters."""
+    import threading
+
+    from spinelevel.engine import gpu_j2k, workers
+
+    monkeypatch.setattr(gpu_j2k, "make_path", lambda decoder, device=0: object())
+    paths = workers._J2kPaths()
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(paths.get("dali", 0)))
+    t.start()
+    t.join()
+    mine = paths.get("dali", 0)
+    assert mine is paths.get("dali", 0) and got[0] is not mine

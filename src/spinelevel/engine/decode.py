@@ -299,6 +299,11 @@ class _ParsedCache(threading.local):
 _PARSED = _ParsedCache()
 
 
+def clear_parsed_cache() -> None:
+    """Forget this thread's cached multi-frame file (its pixel data can be large)."""
+    _PARSED.key = _PARSED.ds = None
+
+
 def read_dataset(src: Source, max_bytes: int, frame: int | None = None):  # noqa: ANN201 - pydicom Dataset
     """Read and parse one file; the last multi-frame file (``frame`` given) is kept per thread.
 

@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 
 from spinelevel.engine.scan import FileHeader, ScanOptions, SkippedFile
 from spinelevel.engine.sources import Source
-from spinelevel.errors import DicomwebError, InputError, RemoteReadError
+from spinelevel.errors import DecodeError, DicomwebError, InputError, RemoteReadError
 
 __all__ = [
     "SCHEME_PREFIX",
@@ -393,11 +393,15 @@ def retrieve_dataset(src: Source, max_bytes: int):  # noqa: ANN201 - pydicom Dat
             warnings.simplefilter("ignore")  # a non-conformant single-part answer; pydicom's value warnings
             return _call(conn, "WADO-RS retrieve", src.label, lambda: client.retrieve_instance(study, series, sop, media_types=_AS_STORED))
     except DicomwebError as exc:
-        raise RemoteReadError(str(exc)) from None
+        if exc.transient:  # the server may answer next time: the series is redone by the next run
+            raise RemoteReadError(str(exc)) from None
+        # permanent (404 gone, 403, oversized): a dropped slice like any undecodable file, so nightly
+        # re-runs do not redo the series for ever
+        raise DecodeError(str(exc)) from None
     except InputError:
         raise
     except Exception as exc:  # an unparseable instance: the bytes came, they are not DICOM
-        raise RemoteReadError(f"{src.label}: the retrieved instance is unreadable ({type(exc).__name__})") from None
+        raise DecodeError(f"{src.label}: the retrieved instance is unreadable ({type(exc).__name__})") from None
 
 
 def read_instance(src: Source, max_bytes: int) -> bytes:

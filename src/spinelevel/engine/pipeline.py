@@ -388,7 +388,8 @@ def _series_round(slices: list, order: list[int]) -> tuple[str, ...]:
     By series when every slice of the round is a DICOMweb instance of one series and the round asks
     for at least the connection's ``series_fraction`` of the series' instances.
     """
-    if not order:
+    if not order or any(slices[i].frame is not None for i in order):
+        # frames of a multi-frame instance: the worker's parsed-file cache already holds the instance
         return ()
     first = slices[order[0]].source
     if first.kind != "dicomweb" or first.remote is None:

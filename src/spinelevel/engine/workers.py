@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import warnings
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -113,8 +114,12 @@ def _empty(spec: PreprocessSpec) -> np.ndarray:
     return np.empty((0, len(spec.windows), *spec.input_size), dtype=np.float32)
 
 
-class _J2kPaths:
-    """This process's GPU JPEG 2000 paths, made on first use (a decoder holds a CUDA context)."""
+class _J2kPaths(threading.local):
+    """This thread's GPU JPEG 2000 paths, made on first use (a decoder holds a CUDA context).
+
+    Per thread: a DALI pipeline (feed_input, then run) and the outcome counters are not safe to share
+    between decode threads (--worker-kind threads), which would swap slices between them.
+    """
 
     def __init__(self) -> None:
         self.paths: dict[tuple[str, int], object] = {}
@@ -466,6 +471,9 @@ class DecodePool:
 
     def close(self) -> None:
         """Stop the workers; queued tasks are dropped."""
+        from spinelevel.engine.decode import clear_parsed_cache
+
+        clear_parsed_cache()  # --workers 0 decodes in this thread: drop the last multi-frame file
         self._queue.clear()
         for _, future in self._in_flight:
             future.cancel()

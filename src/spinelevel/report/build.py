@@ -169,10 +169,14 @@ def draw_series(sl: SeriesSlices, l3_index: int | None, l3_z_mm: float | None, c
     if l3_index is not None:
         hit = np.flatnonzero(sl.slice_index == l3_index)
         l3_pos = int(hit[0]) if hit.size else None
+    from spinelevel.engine.decode import clear_parsed_cache
+
     try:
         views = read_views(sl.sources, sl.z_mm, l3_pos, opts.volume, sl.frames)
     except DecodeError as exc:
         return {"uid": uid, "images": "unavailable", "images_reason": str(exc)}
+    finally:
+        clear_parsed_cache()  # a multi-frame series' file is not needed for the next series
     out = Path(out)
     band = Band(positions(sl.z_mm), sl.level, sl.argmax, l3_pos, level_colours(classes))
     palette = overlay_palette(band.colours)
