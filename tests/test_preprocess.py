@@ -126,14 +126,12 @@ def test_version_2_crops_or_pads_to_a_fixed_field_of_view() -> None:
     # non-square pixels: each axis by its own spacing
     assert fov_box(100, 100, (2.0, 4.0), 400.0)[:2] == (200, 100)
     # the same anatomy at two reconstruction diameters gives the same model input (up to resampling)
-    y, x = np.mgrid[0:256, 0:256]
     disc = lambda n, mm: (np.hypot(*(np.mgrid[0:n, 0:n] - (n - 1) / 2) * mm) < 100.0).astype(np.float32) * 1040.0 - 1000.0  # noqa: E731
     a = preprocess_slice(disc(256, 500 / 256), spec, (500 / 256, 500 / 256))
     b = preprocess_slice(disc(180, 350 / 180), spec, (350 / 180, 350 / 180))
     assert np.abs(a - b).mean() < 0.02
     # without a PixelSpacing: the square that holds the slice
     assert fov_box(80, 100, None, 400.0) == (100, 100, -10, 0)
-    del y, x
 
 
 def test_unknown_preprocessing_version_is_refused() -> None:

@@ -29,7 +29,8 @@ def load(path):  # noqa: ANN001, ANN201 - kept as a user writes it
     return np.stack([cv2.resize(ch, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR) for ch in chans])
 
 
-def main(root: str, model: str) -> int:
+def main(root: str, model: str) -> list[int]:
+    """The argmax level index of every image under ``root`` (what the user's script computes)."""
     files = sorted(str(p) for p in Path(root).rglob("*") if p.is_file() and p.suffix != ".parquet")
     sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
@@ -43,9 +44,8 @@ def main(root: str, model: str) -> int:
                 batch = []
     if batch:
         levels += list(sess.run(None, {name: np.stack(batch)})[0].argmax(1))
-    print(len(levels))
-    return 0
+    return levels
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    main(sys.argv[1], sys.argv[2])  # an error is a traceback and a non-zero exit, as in a user's script

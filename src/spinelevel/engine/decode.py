@@ -11,6 +11,7 @@ carries on.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import threading
@@ -99,8 +100,10 @@ def _ensure_transfer_syntax(ds) -> str:  # noqa: ANN001 - pydicom Dataset
 _PLUGIN_ORDER = ("pylibjpeg", "pyjpegls", "pillow", "pydicom")
 
 
+@functools.lru_cache(maxsize=64)
 def _plugins(tsyntax: str) -> tuple[str, ...]:
-    """pydicom's available decoder plugins for ``tsyntax``, in its order (() for native syntaxes)."""
+    """pydicom's available decoder plugins for ``tsyntax`` (() for native syntaxes); asked once per
+    syntax and process, not per slice (what is installed does not change during a run)."""
     from pydicom.pixels.decoders.base import get_decoder
 
     try:

@@ -199,23 +199,14 @@ def _clean_stale(folder: Path) -> None:
             pass
 
 
-def _write_table(table, path: Path) -> None:  # noqa: ANN001
+def _write_table(table, path: Path) -> None:  # noqa: ANN001 - pyarrow.Table
+    """A Parquet table through the same fsynced dot-name and rename as the copies."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            pq.write_table(table, fh, compression="zstd")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    _write_atomic(path, sink.getvalue().to_pybytes())
 
 
 def prepare_extract_dir(out: Path) -> None:
@@ -490,16 +481,12 @@ def _record_in_run(run_dir: Path, out: Path) -> None:
     if target in dirs:
         return
     dirs.append(target)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    from spinelevel.engine.writer import write_json_atomic
+
     try:
-        tmp.write_text(json.dumps({"format": "spinelevel.extracted/1", "dirs": dirs}, indent=2), encoding="utf-8")
-        os.replace(tmp, path)
+        write_json_atomic(path, {"format": "spinelevel.extracted/1", "dirs": dirs})
     except OSError as exc:
         log.warning("%s: cannot record the extract folder (%s); give it to 'spinelevel report --extracted'", path, exc.strerror or exc)
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
 
 
 def extract_run(run_dir: Path, out: Path, options: ExtractOptions = ExtractOptions(), progress: ExtractProgress | None = None) -> ExtractSummary:
