@@ -93,3 +93,14 @@ def test_vs_script_bench_and_steps(tmp_path: Path) -> None:
     files = [archive / p for p in pq.read_table(archive / "labels.parquet", columns=["path"]).column("path").to_pylist()][:4]
     steps = bench_steps(files, input_size=32)["steps"]
     assert {"header_parse", "pixel_read", "hu", "windows", "resize", "handoff_pickle_roundtrip", "engine_total_prepare", "naive_script_load"} <= steps.keys()
+    # the phantom is uncompressed: the engine reads its pixels at the scanned offset
+    assert {"engine_scan_header", "native_read", "engine_total_prepare_full_parse"} <= steps.keys()
+
+
+def test_naive_script_feeds_the_model_its_input_size(tmp_path: Path) -> None:
+    from spinelevel.bench import naive_script
+    from spinelevel.bench.models import toy_onnx
+
+    archive = phantom_archive(tmp_path, 1, 64, coverage="lumbar", thickness_mm=5.0, localizer_probability=0.0, dose_report_probability=0.0, second_recon_probability=0.0)
+    levels = naive_script.main(str(archive), str(toy_onnx(32, tmp_path)))
+    assert len(levels) > 0

@@ -62,3 +62,41 @@ def test_the_hook_never_fires_in_the_main_process(files: list[Path], monkeypatch
     with DecodePool(0) as pool:
         pool.submit(task)
         assert pool.get().indices == task.indices
+
+
+def _double_or_die_on_three(x: int) -> int:
+    import multiprocessing
+    import os
+
+    if x == 3 and multiprocessing.parent_process() is not None:
+        os._exit(70)  # as a decoder that crashes its worker
+    return 2 * x
+
+
+def test_map_ordered_keeps_order_and_redoes_an_item_whose_worker_died(files: list[Path]) -> None:
+    spec = PreprocessSpec.from_card(ModelCard(input_size=(32, 32)))
+    with DecodePool(2) as pool:
+        pool.start(wait=True)
+        assert list(pool.map_ordered(_double_or_die_on_three, range(10))) == [2 * x for x in range(10)]
+        # the pool decodes afterwards
+        for task in _tasks(files[:4], spec):
+            pool.submit(task)
+        got = [pool.get() for _ in range(2)]
+        assert [r.indices for r in got] == [(0, 1), (2, 3)] and not any(r.failures for r in got)
+    with DecodePool(2, kind="threads") as pool:
+        assert list(pool.map_ordered(abs, [-1, 2, -3])) == [1, 2, 3]
+
+
+def test_the_scan_in_worker_processes_equals_the_scan_here(files: list[Path]) -> None:
+    import functools
+
+    from spinelevel.engine.scan import ScanOptions, scan_paths
+    from spinelevel.engine.workers import scan_task
+
+    root = files[0].parents[2]
+    here = list(scan_paths([root]))
+    with DecodePool(2) as pool:
+        pool.start()
+        batches = lambda bs: (found for found, _, _ in pool.map_ordered(functools.partial(scan_task, options=ScanOptions()), bs))  # noqa: E731
+        there = list(scan_paths([root], read_batches=batches))
+    assert there == here and len(here) > 12

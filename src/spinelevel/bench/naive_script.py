@@ -7,6 +7,7 @@ against it. Run: ``python -m spinelevel.bench.naive_script ARCHIVE MODEL.onnx``.
 """
 
 import sys
+from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -19,14 +20,14 @@ WINDOWS = [(40, 400), (400, 1800), (-600, 1500)]
 SIZE = 256
 
 
-def load(path):  # noqa: ANN001, ANN201 - kept as a user writes it
+def load(path, size=SIZE):  # noqa: ANN001, ANN201 - kept as a user writes it
     try:
         ds = pydicom.dcmread(path)
         hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     except Exception:
         return None  # not an image (labels, reports...)
     chans = [np.clip((hu - (c - w / 2)) / w, 0, 1) for c, w in WINDOWS]
-    return np.stack([cv2.resize(ch, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR) for ch in chans])
+    return np.stack([cv2.resize(ch, (size, size), interpolation=cv2.INTER_LINEAR) for ch in chans])
 
 
 def main(root: str, model: str) -> list[int]:
@@ -34,9 +35,11 @@ def main(root: str, model: str) -> list[int]:
     files = sorted(str(p) for p in Path(root).rglob("*") if p.is_file() and p.suffix != ".parquet")
     sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
+    size = sess.get_inputs()[0].shape[-1]  # the model's input size
+    size = size if isinstance(size, int) else SIZE
     levels, batch = [], []
     with Pool(2) as pool:
-        for x in pool.imap(load, files, chunksize=8):
+        for x in pool.imap(partial(load, size=size), files, chunksize=8):
             if x is not None:
                 batch.append(x)
             if len(batch) == 16:

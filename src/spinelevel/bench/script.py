@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["ENGINE_ROWS", "bench_vs_script", "bench_startup"]
+__all__ = ["ENGINE_ROWS", "TRAINED_MODEL_ROWS", "bench_vs_script", "bench_startup"]
 
 # Row name -> extra ``spinelevel run`` arguments. Full sampling: every slice decoded and inferred, as
 # the script does (the default 'auto' sampling is sparse on CPU and is reported as its own row).
@@ -24,6 +24,14 @@ ENGINE_ROWS: dict[str, list[str]] = {
     "engine_threads": ["--sampling", "full", "--worker-kind", "threads"],
     "engine_one_process": ["--sampling", "full", "--workers", "0"],
     "engine_default_sampling": [],
+}
+
+
+# With a trained model (the demo model): the default run (sparse sampling) and full sampling.
+TRAINED_MODEL_ROWS: dict[str, list[str]] = {
+    "engine_default_sampling": [],
+    "engine_processes": ["--sampling", "full"],
+    "engine_threads": ["--sampling", "full", "--worker-kind", "threads"],
 }
 
 

@@ -40,6 +40,8 @@ def bench_steps(files: list[Path], input_size: int = 256) -> dict:
     from spinelevel.bench import naive_script
     from spinelevel.card import ModelCard
     from spinelevel.engine.decode import decode_stored, hu_from_stored
+    from spinelevel.engine.native import read_native
+    from spinelevel.engine.scan import scan_paths
     from spinelevel.engine.preprocess import PreprocessSpec, preprocess_slice, resize_bilinear, window_channels
     from spinelevel.engine.sources import Source
     from spinelevel.engine.workers import DecodeTask, prepare
@@ -69,7 +71,13 @@ def bench_steps(files: list[Path], input_size: int = 256) -> dict:
         slab[...] = x  # the worker's write into the slab; the consumer reads it in place
     steps["handoff_slab_write"] = _ms(_shm, n)
     sops = [str(ds.SOPInstanceUID) for ds in parsed]
-    steps["engine_total_prepare"] = _ms(lambda i: prepare(DecodeTask(0, (i,), (Source(str(files[i])),), (sops[i],), spec, 1 << 30)), n)
+    headers = [h for f in files for h in scan_paths([f])]
+    natives = [getattr(h, "native", None) for h in headers]
+    steps["engine_scan_header"] = _ms(lambda i: list(scan_paths([files[i]])), n)
+    if all(v is not None for v in natives):
+        steps["native_read"] = _ms(lambda i: read_native(Source(str(files[i])), natives[i], sops[i], 1 << 30), n)
+    steps["engine_total_prepare"] = _ms(lambda i: prepare(DecodeTask(0, (i,), (Source(str(files[i])),), (sops[i],), spec, 1 << 30, natives=(natives[i],))), n)
+    steps["engine_total_prepare_full_parse"] = _ms(lambda i: prepare(DecodeTask(0, (i,), (Source(str(files[i])),), (sops[i],), spec, 1 << 30)), n)
     steps["naive_script_load"] = _ms(lambda i: naive_script.load(str(files[i])), n)
     return {
         "slices": n,
@@ -78,5 +86,11 @@ def bench_steps(files: list[Path], input_size: int = 256) -> dict:
         "unit": "ms per slice, one core",
         "load_average": [round(v, 2) for v in os.getloadavg()],
         "steps": steps,
-        "note": "engine_total_prepare = file read + full parse + pixel read + HU + windows + resize for one slice as a decode worker runs it; handoff_* is what crossing to the consumer adds per slice",
+        "note": (
+            "engine_total_prepare = what a decode worker runs per slice: the file's bytes, the pixels viewed at the offset "
+            "the scan found (native_read; no second parse), HU, windows, resize; engine_total_prepare_full_parse = the same "
+            "through a full pydicom parse and its pixel handlers (compressed files, and before native reads); "
+            "engine_scan_header = the scan's header read of one file (every file, in every sampling mode); "
+            "handoff_* is what crossing to the consumer adds per slice"
+        ),
     }

@@ -98,12 +98,16 @@ def run_suite(config: SuiteConfig, work: Path, model: Path | None = None, sectio
     if "vs_script" in sections:
         log.info("end to end against the naive script")
         from spinelevel.bench.models import toy_onnx
-        from spinelevel.bench.script import bench_startup, bench_vs_script
+        from spinelevel.bench.script import TRAINED_MODEL_ROWS, bench_startup, bench_vs_script
         from spinelevel.bench.steps import bench_steps
 
         archive = phantom_archive(work, config.e2e_studies, 512, seed=17, compression="none", localizer_probability=0.0, dose_report_probability=0.0, second_recon_probability=0.0)
         toy = toy_onnx(256, work)
         result["vs_script"] = bench_vs_script(archive, toy, work)
+        # the same archive with a trained model, so that the default sparse sampling works as it does
+        # for a user (an untrained model is unsure everywhere and makes the search read every slice)
+        demo = _model_for_e2e(work, model)
+        result["vs_script_trained_model"] = bench_vs_script(archive, demo, work, rows=TRAINED_MODEL_ROWS)
         import pyarrow.parquet as pq
 
         files = [archive / p for p in pq.read_table(archive / "labels.parquet", columns=["path"]).column("path").to_pylist()]

@@ -274,6 +274,7 @@ class _Scheduler:
                     max_bytes=self.options.scan.max_file_bytes,
                     preprocess=self.options.preprocess,
                     frames=tuple(slices[i].frame for i in idx),
+                    natives=tuple(slices[i].native for i in idx),
                     spacing=work.plan.pixel_spacing,
                     j2k_decoder=self.options.j2k_decoder,
                     j2k_device=_device_index(self.options.device),
@@ -283,7 +284,10 @@ class _Scheduler:
         work.outstanding += len(order)
 
     def _receive(self, prepared: Prepared) -> None:
+        from spinelevel.engine import thirdparty_log
+
         self.thirdparty_records += prepared.thirdparty_records
+        thirdparty_log.show(prepared.thirdparty_messages)
         self.j2k_outcomes.update(dict(prepared.j2k_outcomes))
         work = self.open[prepared.key]
         if prepared.unavailable and work.error is None:
@@ -551,15 +555,33 @@ def start_history(out: Path, entry: dict) -> dict:
     return manifest
 
 
-def scan_and_select(paths: list[Path], options: RunOptions, progress: RunProgress) -> tuple:
-    """Scan the inputs (headers only) and select the series; returns (selection, every source seen)."""
+def scan_and_select(paths: list[Path], options: RunOptions, progress: RunProgress, pool: DecodePool | None = None) -> tuple:
+    """Scan the inputs (headers only) and select the series; returns (selection, every source seen,
+    log records of the DICOM libraries in worker processes).
+
+    ``pool``: a started decode pool whose worker processes read the headers of local files in
+    batches (the scan is then as parallel as decoding); None reads them here.
+    """
+    import functools
     import itertools
 
+    from spinelevel.engine import thirdparty_log
     from spinelevel.engine.dicomweb import DicomwebScanner
+    from spinelevel.engine.workers import scan_task
+
+    worker_records = 0
+
+    def read_batches(batches):  # noqa: ANN001, ANN202
+        nonlocal worker_records
+        for found, records, messages in pool.map_ordered(functools.partial(scan_task, options=options.scan), batches):  # type: ignore[union-attr]
+            worker_records += records
+            thirdparty_log.show(messages)
+            yield found
 
     items: list[FileHeader | SkippedFile] = []
     remote = [DicomwebScanner(q, options.scan) for q in options.dicomweb]
-    for item in itertools.chain(scan_paths(paths, options.scan), *remote):
+    local = scan_paths(paths, options.scan, read_batches if pool is not None else None)
+    for item in itertools.chain(local, *remote):
         items.append(item)
         if len(items) % 200 == 0:
             progress.scanned(len(items))
@@ -567,7 +589,7 @@ def scan_and_select(paths: list[Path], options: RunOptions, progress: RunProgres
     seen = {item.source.label for item in items}
     for scanner in remote:
         seen |= scanner.series_labels  # a series whose headers failed before is met again
-    return select_series(items, options.select), seen
+    return select_series(items, options.select), seen, worker_records
 
 
 def forget_everything(state, run_id: str) -> None:  # noqa: ANN001 - OutputState
@@ -775,6 +797,7 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
     already_done = 0
     scheduler: _Scheduler | None = None
     records_before = thirdparty_log.record_count()
+    scan_records = 0
     spec = PreprocessSpec.from_card(card)
     # shared-memory hand-off of the process pool (DESIGN.md 2): a slab per task of chunk_slices rows
     pool = DecodePool(
@@ -785,8 +808,9 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
         held_slabs=options.batch_size // max(1, options.chunk_slices) + 2,
     )
     try:
-        pool.start()  # workers import their decoders while the scan runs
-        selection, seen = scan_and_select(paths, options, progress)
+        pool.start()  # workers import their decoders while the main process walks the inputs
+        # the workers read the headers too: the scan runs as parallel as decoding
+        selection, seen, scan_records = scan_and_select(paths, options, progress, pool)
         plans, plan_keys, already_done = start_series(state, writer, selection, seen, model_sha, run_id)
         progress.planned(len(plans), sum(len(p.slices) for p in plans))
         log.info("%d series to classify, %d already done, %d skipped", len(plans), already_done, len(selection.skipped_series))
@@ -813,7 +837,7 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
             counts=dict(writer.counts, series_already_done=already_done),
             model_calls=scheduler.model_calls if scheduler is not None else 0,
             # warnings of pydicom and the decoders (values dropped; --verbose shows them redacted)
-            third_party_log_records=thirdparty_log.record_count() - records_before + (scheduler.thirdparty_records if scheduler is not None else 0),
+            third_party_log_records=thirdparty_log.record_count() - records_before + scan_records + (scheduler.thirdparty_records if scheduler is not None else 0),
             j2k_decode=j2k_summary(options, scheduler.j2k_outcomes if scheduler is not None else Counter()),
         )
         try:

@@ -472,7 +472,7 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
     already_done = 0
     lost = 0
     try:
-        selection, seen = scan_and_select(paths, options, progress)
+        selection, seen, _ = scan_and_select(paths, options, progress)
         plans, plan_keys, already_done = start_series(state, writer, selection, seen, model_sha, run_id)
         progress.planned(len(plans), sum(len(p.slices) for p in plans))
         log.info("%d series to classify on Ray (%s sampling), %d already done, %d skipped", len(plans), mode, already_done, len(selection.skipped_series))

@@ -14,14 +14,17 @@ import stat
 import tarfile
 import warnings
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from spinelevel.engine.sources import Source
 
-__all__ = ["ScanOptions", "FileHeader", "SkippedFile", "scan_paths"]
+if TYPE_CHECKING:
+    from spinelevel.engine.native import NativePixels
+
+__all__ = ["ScanOptions", "FileHeader", "SkippedFile", "scan_paths", "scan_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,8 @@ class FileHeader:
     instance_number: int | None = None
     # The pixels went through lossy compression (lossy transfer syntax or LossyImageCompression 01).
     lossy: bool = False
+    # Where the pixels of an uncompressed single-frame file are (engine.native), else None.
+    native: NativePixels | None = None
 
     @property
     def slice_id(self) -> str:
@@ -108,8 +113,13 @@ class SkippedFile:
     identity: str = ""
 
 
-def scan_paths(paths: Iterable[Path | str], options: ScanOptions = ScanOptions()) -> Iterator[FileHeader | SkippedFile]:
-    """Yield a header or a skip record for every file found under ``paths``.
+def scan_paths(paths: Iterable[Path | str], options: ScanOptions = ScanOptions(), read_batches: Callable[[Iterator[list]], Iterator[list]] | None = None) -> Iterator[FileHeader | SkippedFile]:
+    """Yield a header or a skip record for every file found under ``paths``, in walk order.
+
+    Args:
+        read_batches: reads the headers of batches of files elsewhere (the decode pool's worker
+            processes, see :func:`scan_batch`): called with an iterator of batches, it yields each
+            batch's :func:`scan_batch` result in the same order. None reads them here.
 
     Raises:
         InputError: a path given by the user does not exist.
@@ -121,18 +131,52 @@ def scan_paths(paths: Iterable[Path | str], options: ScanOptions = ScanOptions()
     unknown = [kw for kw in options.keep_tags if tag_for_keyword(kw) is None]
     if unknown:
         raise InputError(f"--keep-phi {', '.join(unknown)}: not a DICOM keyword (for example PatientID, AccessionNumber)")
+    roots = []
     for raw in paths:
         # Absolute, so that sources (and resume keys) do not depend on the working directory.
         path = Path(raw).absolute()
         if not os.path.lexists(path):
             raise InputError(f"{path}: no such file or directory")
-        if path.is_dir():
-            yield from _walk_dir(path, options)
-        else:
-            yield from _scan_file(path, options)
+        roots.append(path)
+    batches = _batches(roots, options)
+    results = read_batches(batches) if read_batches is not None else (scan_batch(b, options) for b in batches)
+    for items in results:
+        yield from items
 
 
-def _walk_dir(root: Path, options: ScanOptions) -> Iterator[FileHeader | SkippedFile]:
+# Files per batch when headers are read in worker processes (a few ms of work per batch).
+BATCH_FILES = 32
+
+
+def _batches(roots: list[Path], options: ScanOptions) -> Iterator[list]:
+    """The walk as batches of entries: a file path (str) to read, or a SkippedFile found by the walk."""
+    batch: list = []
+    for root in roots:
+        for entry in _walk_dir(root) if root.is_dir() else (str(root),):
+            batch.append(entry)
+            if len(batch) >= BATCH_FILES:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def scan_batch(entries: list, options: ScanOptions) -> list[FileHeader | SkippedFile]:
+    """Headers (or skip records) of a batch of :func:`_batches` entries, in order."""
+    out: list[FileHeader | SkippedFile] = []
+    for entry in entries:
+        if isinstance(entry, SkippedFile):
+            out.append(entry)
+            continue
+        try:
+            out.extend(_scan_file(Path(entry), options))
+        except OSError as exc:
+            out.append(SkippedFile(Source(entry), f"cannot read: {_os_reason(exc)}"))
+    return out
+
+
+def _walk_dir(root: Path) -> Iterator[str | SkippedFile]:
+    """Regular files under ``root`` (paths) and what the walk cannot use (skip records), sorted."""
     # Directory symlinks are not followed, so a symlink loop cannot trap the walk.
     stack = [str(root)]
     while stack:
@@ -150,7 +194,7 @@ def _walk_dir(root: Path, options: ScanOptions) -> Iterator[FileHeader | Skipped
                 elif entry.is_symlink() and entry.is_dir():
                     yield SkippedFile(Source(entry.path), "symbolic link to a directory (not followed)")
                 elif entry.is_file():
-                    yield from _scan_file(Path(entry.path), options)
+                    yield entry.path
                 elif entry.is_symlink():
                     yield SkippedFile(Source(entry.path), "broken symbolic link")
                 else:
@@ -329,7 +373,13 @@ def _parse_header(src: Source, fh: IO[bytes], start: int, keep: tuple[str, ...])
     except Exception as exc:
         return [SkippedFile(src, f"DICOM header is unreadable ({type(exc).__name__})")]
     try:
-        return _headers_from_dataset(src, ds, forced, keep)
+        # the scan stopped where PixelData starts: note it for native files (engine.native)
+        here = fh.tell()
+        element = fh.read(12)
+    except Exception:
+        here, element = start, b""
+    try:
+        return _headers_from_dataset(src, ds, forced, keep, (element, here - start))
     except Exception as exc:  # a malformed element surfaces only when accessed
         reason = "not a DICOM file" if forced else f"DICOM header is unreadable ({type(exc).__name__})"
         return [SkippedFile(src, reason)]
@@ -433,7 +483,8 @@ def _frame_geometry(ds, index: int):  # noqa: ANN001, ANN202
     return position, orientation, spacing, thickness, problems
 
 
-def _headers_from_dataset(src: Source, ds, forced: bool, keep: tuple[str, ...] = ()) -> list[FileHeader | SkippedFile]:  # noqa: ANN001
+def _headers_from_dataset(src: Source, ds, forced: bool, keep: tuple[str, ...] = (), pixels: tuple[bytes, int] = (b"", 0)) -> list[FileHeader | SkippedFile]:  # noqa: ANN001
+    """``pixels``: the bytes where the parse stopped and their offset in the file (engine.native)."""
     from spinelevel.engine.frames import frame_count, is_multiframe_ct
     from spinelevel.engine.identity import detected_transfer_syntax, instance_uids, missing_identity
 
@@ -496,6 +547,10 @@ def _headers_from_dataset(src: Source, ds, forced: bool, keep: tuple[str, ...] =
         problems.append(p)
     position, orientation, spacing = _check_geometry(position, orientation, spacing, problems)
     thickness, _ = _floats(ds, "SliceThickness", 1)
+    if frames == 1 and src.kind != "dicomweb":
+        from spinelevel.engine.native import native_layout
+
+        base["native"] = native_layout(ds, tsyntax, *pixels)
     return [_with_series(ds, src, series_uid, study_uid, flags, base, position, orientation, spacing, thickness, problems, None)]
 
 

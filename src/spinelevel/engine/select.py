@@ -60,6 +60,8 @@ class SliceRef:
     transfer_syntax: str
     # 1-based frame number for a frame of a multi-frame CT file, None for a single-frame file.
     frame: int | None = None
+    # Where the pixels of an uncompressed single-frame file are (engine.native.NativePixels), else None.
+    native: object | None = None
 
     @property
     def slice_id(self) -> str:
@@ -381,6 +383,6 @@ def _select_one(files: list[FileHeader], options: SelectOptions) -> tuple[Series
         if tilt > options.tilt_tolerance_deg:
             flags.add("gantry_tilt")
 
-    slices = tuple(SliceRef(f.source, f.sop_uid, float(p[2]), f.transfer_syntax, f.frame) for f, p in zip(ordered, positions))
+    slices = tuple(SliceRef(f.source, f.sop_uid, float(p[2]), f.transfer_syntax, f.frame, f.native) for f, p in zip(ordered, positions))
     plan = SeriesPlan(study_uid, series_uid, slices, thickness, spacing, tuple(sorted(flags)), tuple(dropped), phi, ordered[0].pixel_spacing)
     return plan, None

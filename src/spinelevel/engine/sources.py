@@ -13,6 +13,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
+import os
 import threading
 import zipfile
 from collections import OrderedDict
@@ -123,7 +124,11 @@ def read_source(src: Source, max_bytes: int) -> bytes:
         return read_instance(src, max_bytes)
     if src.kind == "file":
         with open(src.path, "rb") as fh:
-            data = fh.read(max_bytes + 1)
+            # read() sizes its buffer by the file (read(max_bytes + 1) would allocate the limit, 2 GiB
+            # by default, for every slice); the limit is checked on the size first and the bytes after
+            if os.fstat(fh.fileno()).st_size > max_bytes:
+                raise OSError(f"file is over the {max_bytes}-byte limit")
+            data = fh.read()
     elif src.kind == "zip":
         assert src.member is not None
         key = (src.path, "zip")

@@ -26,13 +26,14 @@ import sys
 import threading
 import warnings
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import numpy as np
 
-from spinelevel.engine.decode import read_hu, read_stored
+from spinelevel.engine.decode import hu_from_stored, read_hu, read_stored
 from spinelevel.engine.preprocess import PreprocessSpec, preprocess_slice
 from spinelevel.engine.sources import Source
 from spinelevel.errors import DecodeError, InputError, RemoteReadError
@@ -82,6 +83,9 @@ class DecodeTask:
     # among them), retrieved together in one series request and kept by the worker for the round's
     # other tasks (dicomweb.prefetch_series); () retrieves each instance alone.
     series_sops: tuple[str, ...] = ()
+    # Per slice, where the scan found the pixels of an uncompressed file (engine.native.NativePixels)
+    # or None; () = all None. Such slices are read at that offset without parsing the file again.
+    natives: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,8 @@ class Prepared:
     # Slot of the shared-memory ring that ``array`` is a view of (-1: an array of its own); hand it
     # back with DecodePool.release once the rows are consumed.
     slab: int = -1
+    # Those log records, redacted (at most a few per task), for the parent to show with --verbose.
+    thirdparty_messages: tuple[str, ...] = ()
 
 
 def _empty(spec: PreprocessSpec) -> np.ndarray:
@@ -153,6 +159,7 @@ def prepare(task: DecodeTask) -> Prepared:
     in_child = multiprocessing.parent_process() is not None
     records_before = thirdparty_log.record_count()
     frames = task.frames or (None,) * len(task.indices)
+    natives = task.natives or (None,) * len(task.indices)
     out = _SLAB_MAP.rows(task) if task.slab >= 0 and task.preprocess != "dali" else None
     if task.series_sops:
         from spinelevel.engine.dicomweb import prefetch_series
@@ -161,21 +168,26 @@ def prepare(task: DecodeTask) -> Prepared:
             prefetch_series(task.sources, task.series_sops, task.max_bytes)
         except Exception:  # each instance is then retrieved alone, and fails there with its reason
             log.debug("series retrieval failed", exc_info=True)
-    for index, src, sop, frame in zip(task.indices, task.sources, task.sop_uids, frames):
+    for index, src, sop, frame, native in zip(task.indices, task.sources, task.sop_uids, frames, natives):
         if crash_sop and sop == crash_sop and in_child:
             os._exit(70)
         try:
+            stored = _read_native(src, native, sop, task.max_bytes)
             if task.preprocess == "dali":
                 from spinelevel.engine.dali import pack_slice
 
-                stored, found_sop = read_stored(src, task.max_bytes, frame, j2k)
-                if found_sop != sop:
-                    raise DecodeError("file changed since it was scanned (SOPInstanceUID differs)")
+                if stored is None:
+                    stored, found_sop = read_stored(src, task.max_bytes, frame, j2k)
+                    if found_sop != sop:
+                        raise DecodeError("file changed since it was scanned (SOPInstanceUID differs)")
                 packed.append(pack_slice(stored.raw, stored.slope, stored.intercept, stored.padding, task.spacing))
             else:
-                hu, found_sop = read_hu(src, task.max_bytes, frame, j2k)
-                if found_sop != sop:
-                    raise DecodeError("file changed since it was scanned (SOPInstanceUID differs)")
+                if stored is not None:
+                    hu = hu_from_stored(stored.raw, stored.slope, stored.intercept, stored.padding)
+                else:
+                    hu, found_sop = read_hu(src, task.max_bytes, frame, j2k)
+                    if found_sop != sop:
+                        raise DecodeError("file changed since it was scanned (SOPInstanceUID differs)")
                 x = preprocess_slice(hu, task.spec, task.spacing)
                 if out is not None:
                     out[len(ok)] = x
@@ -196,8 +208,22 @@ def prepare(task: DecodeTask) -> Prepared:
     else:
         array, slab = (np.stack(arrays) if arrays else _empty(task.spec)), -1
     records = thirdparty_log.record_count() - records_before if in_child else 0
+    messages = thirdparty_log.take_messages() if in_child else ()
     outcomes = tuple((k, n - j2k_before.get(k, 0)) for k, n in j2k.outcomes.items() if n > j2k_before.get(k, 0)) if j2k is not None else ()
-    return Prepared(task.key, tuple(ok), array, tuple(failures), tuple(packed), records, outcomes, tuple(unavailable), slab)
+    return Prepared(task.key, tuple(ok), array, tuple(failures), tuple(packed), records, outcomes, tuple(unavailable), slab, messages)
+
+
+def _read_native(src: Source, native, sop: str, max_bytes: int):  # noqa: ANN001, ANN202 - NativePixels | None -> StoredSlice | None
+    """The stored pixels read at the scanned offset, or None to decode the file the full way (which
+    also reports an unreadable or changed file)."""
+    if native is None:
+        return None
+    from spinelevel.engine.native import read_native
+
+    try:
+        return read_native(src, native, sop, max_bytes)
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 class _SlabFd:
@@ -241,12 +267,11 @@ _SLAB_MAP = _SlabMap()
 
 
 def _warm_up() -> int:
-    """Import the decoders in a worker, and stay busy long enough that every worker gets one."""
-    import time
-
+    """Import the decoders and the scan in a worker (the first header batches follow at once)."""
     import pydicom.pixels  # noqa: F401
 
-    time.sleep(0.2)
+    import spinelevel.engine.scan  # noqa: F401
+
     return os.getpid()
 
 
@@ -270,8 +295,8 @@ def _init_worker(ring: _SlabFd | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _one_opencv_thread()
     # pydicom's warnings quote header values; a spawned worker has no logging set up, so logging's
-    # last-resort handler would print them to stderr
-    thirdparty_log.install()
+    # last-resort handler would print them to stderr; the parent shows them redacted (--verbose)
+    thirdparty_log.install(collect=True)
     # A parent killed with SIGKILL cannot shut the pool down: let the kernel end the workers too
     # (Linux prctl PR_SET_PDEATHSIG), so no orphan holds files, pipes or memory.
     if sys.platform.startswith("linux"):
@@ -282,6 +307,20 @@ def _init_worker(ring: _SlabFd | None = None) -> None:
             pass
         if os.getppid() == 1:  # the parent died before prctl took effect
             os._exit(1)
+
+
+def scan_task(entries: list, options) -> tuple[list, int, tuple[str, ...]]:  # noqa: ANN001 - ScanOptions
+    """Read the headers of a batch of files (scan.scan_batch) in a worker; with the count of the
+    DICOM libraries' log records it caused there and their redacted lines (the parent counts and
+    shows its own)."""
+    from spinelevel.engine import thirdparty_log
+    from spinelevel.engine.scan import scan_batch
+
+    before = thirdparty_log.record_count()
+    items = scan_batch(entries, options)
+    if multiprocessing.parent_process() is None:
+        return items, 0, ()
+    return items, thirdparty_log.record_count() - before, thirdparty_log.take_messages()
 
 
 def _crashed(task: DecodeTask) -> Prepared:
@@ -386,6 +425,43 @@ class DecodePool:
         if wait:
             for future in warm:
                 future.result()
+
+    def map_ordered(self, fn, items: Iterable) -> Iterator:  # noqa: ANN001 - a picklable callable
+        """``fn(item)`` of every item, in order, in the worker processes (a bounded number in flight).
+
+        For work other than decode tasks between runs of them (the scan's header reads, before any
+        decode task is queued). Threads and one worker run ``fn`` here: header parsing holds the
+        GIL, so threads would only add switching. An item whose worker died is redone here.
+        """
+        if self.kind != "processes" or self.workers <= 1:
+            for item in items:
+                yield fn(item)
+            return
+        if self._pool is None:
+            self._restart()
+        source = iter(items)
+        pending: deque[tuple[object, Future | None]] = deque()
+
+        def submit_next() -> bool:
+            for item in source:
+                try:
+                    pending.append((item, self._pool.submit(fn, item)))  # type: ignore[union-attr]
+                except BrokenProcessPool:
+                    pending.append((item, None))
+                return True
+            return False
+
+        while len(pending) < self.max_in_flight and submit_next():
+            pass
+        while pending:
+            item, future = pending.popleft()
+            try:
+                result = future.result() if future is not None else fn(item)
+            except BrokenProcessPool:
+                self._restart()
+                result = fn(item)
+            yield result
+            submit_next()
 
     def submit(self, task: DecodeTask) -> None:
         """Queue a task (it starts when a slot in flight is free)."""
