@@ -64,11 +64,12 @@ def test_the_hook_never_fires_in_the_main_process(files: list[Path], monkeypatch
         assert pool.get().indices == task.indices
 
 
-def _double_or_die_on_three(x: int) -> int:
+def _double_or_die_on_zero(x: int) -> int:
     import multiprocessing
     import os
 
-    if x == 3 and multiprocessing.parent_process() is not None:
+    # item 0 always goes to a worker (the first items are submitted before this process takes any)
+    if x == 0 and multiprocessing.parent_process() is not None:
         os._exit(70)  # as a decoder that crashes its worker
     return 2 * x
 
@@ -77,7 +78,9 @@ def test_map_ordered_keeps_order_and_redoes_an_item_whose_worker_died(files: lis
     spec = PreprocessSpec.from_card(ModelCard(input_size=(32, 32)))
     with DecodePool(2) as pool:
         pool.start(wait=True)
-        assert list(pool.map_ordered(_double_or_die_on_three, range(10))) == [2 * x for x in range(10)]
+        before = pool._pool
+        assert list(pool.map_ordered(_double_or_die_on_zero, range(10))) == [2 * x for x in range(10)]
+        assert pool._pool is not before  # the worker died and the pool was rebuilt
         # the pool decodes afterwards
         for task in _tasks(files[:4], spec):
             pool.submit(task)
@@ -90,13 +93,13 @@ def test_map_ordered_keeps_order_and_redoes_an_item_whose_worker_died(files: lis
 def test_the_scan_in_worker_processes_equals_the_scan_here(files: list[Path]) -> None:
     import functools
 
-    from spinelevel.engine.scan import ScanOptions, scan_paths
-    from spinelevel.engine.workers import scan_task
+    from spinelevel.engine.scan import ScanOptions, scan_batch, scan_paths
+    from spinelevel.engine.workers import counted_task
 
     root = files[0].parents[2]
     here = list(scan_paths([root]))
     with DecodePool(2) as pool:
         pool.start()
-        batches = lambda bs: (found for found, _, _ in pool.map_ordered(functools.partial(scan_task, options=ScanOptions()), bs))  # noqa: E731
+        batches = lambda bs: (found for found, _, _ in pool.map_ordered(functools.partial(counted_task, scan_batch, options=ScanOptions()), bs))  # noqa: E731
         there = list(scan_paths([root], read_batches=batches))
     assert there == here and len(here) > 12

@@ -566,21 +566,25 @@ def scan_and_select(paths: list[Path], options: RunOptions, progress: RunProgres
     import itertools
 
     from spinelevel.engine import thirdparty_log
-    from spinelevel.engine.dicomweb import DicomwebScanner
-    from spinelevel.engine.workers import scan_task
+    from spinelevel.engine.dicomweb import DicomwebScanner, json_headers_batch
+    from spinelevel.engine.scan import scan_batch
+    from spinelevel.engine.workers import counted_task
 
     worker_records = 0
 
-    def read_batches(batches):  # noqa: ANN001, ANN202
-        nonlocal worker_records
-        for found, records, messages in pool.map_ordered(functools.partial(scan_task, options=options.scan), batches):  # type: ignore[union-attr]
-            worker_records += records
-            thirdparty_log.show(messages)
-            yield found
+    def in_workers(fn):  # noqa: ANN001, ANN202 - batches -> their results, read in the pool's workers
+        def read(batches):  # noqa: ANN001, ANN202
+            nonlocal worker_records
+            for found, records, messages in pool.map_ordered(fn, batches):  # type: ignore[union-attr]
+                worker_records += records
+                thirdparty_log.show(messages)
+                yield found
+
+        return read if pool is not None else None
 
     items: list[FileHeader | SkippedFile] = []
-    remote = [DicomwebScanner(q, options.scan) for q in options.dicomweb]
-    local = scan_paths(paths, options.scan, read_batches if pool is not None else None)
+    remote = [DicomwebScanner(q, options.scan, in_workers(functools.partial(counted_task, json_headers_batch))) for q in options.dicomweb]
+    local = scan_paths(paths, options.scan, in_workers(functools.partial(counted_task, scan_batch, options=options.scan)))
     for item in itertools.chain(local, *remote):
         items.append(item)
         if len(items) % 200 == 0:

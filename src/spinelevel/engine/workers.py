@@ -309,18 +309,17 @@ def _init_worker(ring: _SlabFd | None = None) -> None:
             os._exit(1)
 
 
-def scan_task(entries: list, options) -> tuple[list, int, tuple[str, ...]]:  # noqa: ANN001 - ScanOptions
-    """Read the headers of a batch of files (scan.scan_batch) in a worker; with the count of the
-    DICOM libraries' log records it caused there and their redacted lines (the parent counts and
-    shows its own)."""
+def counted_task(fn, *args, **kwargs) -> tuple[object, int, tuple[str, ...]]:  # noqa: ANN001 - a module-level function
+    """``fn(*args, **kwargs)`` in a worker (the scan's header reads: scan.scan_batch,
+    dicomweb.json_headers_batch), with the count of the DICOM libraries' log records it caused there
+    and their redacted lines (in the parent process: 0 and (), the parent counts and shows its own)."""
     from spinelevel.engine import thirdparty_log
-    from spinelevel.engine.scan import scan_batch
 
     before = thirdparty_log.record_count()
-    items = scan_batch(entries, options)
+    result = fn(*args, **kwargs)
     if multiprocessing.parent_process() is None:
-        return items, 0, ()
-    return items, thirdparty_log.record_count() - before, thirdparty_log.take_messages()
+        return result, 0, ()
+    return result, thirdparty_log.record_count() - before, thirdparty_log.take_messages()
 
 
 def _crashed(task: DecodeTask) -> Prepared:
@@ -430,8 +429,10 @@ class DecodePool:
         """``fn(item)`` of every item, in order, in the worker processes (a bounded number in flight).
 
         For work other than decode tasks between runs of them (the scan's header reads, before any
-        decode task is queued). Threads and one worker run ``fn`` here: header parsing holds the
-        GIL, so threads would only add switching. An item whose worker died is redone here.
+        decode task is queued). While the oldest item is not back, this process takes the next
+        item itself rather than wait (workers that are still starting cost nothing). Threads and one
+        worker run ``fn`` here: header parsing holds the GIL, so threads would only add switching.
+        An item whose worker died is redone here.
         """
         if self.kind != "processes" or self.workers <= 1:
             for item in items:
@@ -440,28 +441,44 @@ class DecodePool:
         if self._pool is None:
             self._restart()
         source = iter(items)
-        pending: deque[tuple[object, Future | None]] = deque()
+        # (item, future, result) in order; future None: computed here (result), or to compute here
+        pending: deque[tuple[object, Future | None, object]] = deque()
+        in_flight = 0
+        todo = object()
 
         def submit_next() -> bool:
+            nonlocal in_flight
             for item in source:
                 try:
-                    pending.append((item, self._pool.submit(fn, item)))  # type: ignore[union-attr]
+                    pending.append((item, self._pool.submit(fn, item), None))  # type: ignore[union-attr]
+                    in_flight += 1
                 except BrokenProcessPool:
-                    pending.append((item, None))
+                    pending.append((item, None, todo))
                 return True
             return False
 
-        while len(pending) < self.max_in_flight and submit_next():
+        while in_flight < self.max_in_flight and submit_next():
             pass
         while pending:
-            item, future = pending.popleft()
+            item, future, result = pending[0]
+            if future is not None and not future.done():
+                extra = next(source, todo)
+                if extra is not todo:  # work here while the workers are busy
+                    pending.append((extra, None, fn(extra)))
+                    continue
+            pending.popleft()
             try:
-                result = future.result() if future is not None else fn(item)
+                if future is not None:
+                    in_flight -= 1
+                    result = future.result()
+                elif result is todo:
+                    result = fn(item)
             except BrokenProcessPool:
                 self._restart()
                 result = fn(item)
             yield result
-            submit_next()
+            while in_flight < self.max_in_flight and submit_next():
+                pass
 
     def submit(self, task: DecodeTask) -> None:
         """Queue a task (it starts when a slot in flight is free)."""
