@@ -2,6 +2,7 @@
 
     python benchmarks/revision_ab.py --base 21597d3 --studies 3 --size 512 --rounds 4 \
         --out benchmarks/results/real_archives_overhead.json
+    python benchmarks/revision_ab.py --base 0db22a5 --compression rle --studies 2 --size 512 --rounds 3
 
 The base revision is checked out into a temporary git worktree and run with ``PYTHONPATH`` pointing at
 its ``src`` (same virtual environment, same model file, same archive); the working tree's code is the
@@ -53,10 +54,11 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=REPO / "src" / "spinelevel" / "models" / "demo" / "levels_demo.onnx")
     parser.add_argument("--work", type=Path, default=REPO / ".bench-work")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--compression", default="none", help="transfer syntax of the phantom archive (spinelevel phantom --compression: none, rle, jpeg2000, jpegls)")
     args = parser.parse_args()
 
     args.work.mkdir(parents=True, exist_ok=True)
-    archive = phantom_archive(args.work, args.studies, args.size, compression="none")
+    archive = phantom_archive(args.work, args.studies, args.size, compression=args.compression)
     base_rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", args.base], capture_output=True, text=True, check=True).stdout.strip()
     head_rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "src"], capture_output=True, text=True).stdout.strip())
@@ -77,7 +79,7 @@ def main() -> None:
     slices = pq.read_table(archive / "labels.parquet").num_rows
     result = {
         "machine": describe_machine(),
-        "archive": {"studies": args.studies, "size": args.size, "compression": "none", "labelled_slices": slices},
+        "archive": {"studies": args.studies, "size": args.size, "compression": args.compression, "labelled_slices": slices},
         "base": {"revision": base_rev, "wall_s": times["base"], "best_s": min(times["base"]), "median_s": statistics.median(times["base"])},
         "head": {"revision": head_rev, "uncommitted_changes": dirty, "wall_s": times["head"], "best_s": min(times["head"]), "median_s": statistics.median(times["head"])},
         "ratio_best": min(times["head"]) / min(times["base"]),

@@ -95,8 +95,10 @@ class RunOptions:
     # 'processes' (a crashing decoder costs only its files) or 'threads' (faster: no transfer of
     # preprocessed slices between processes; a crashing decoder ends the run).
     worker_kind: str = "processes"
-    # Slices per decode task handed to a worker.
-    chunk_slices: int = 4
+    # Slices per decode task handed to a worker. Since uncompressed slices are read at their offset
+    # (engine.native, about 0.4 ms per 512 px slice), a task of 4 cost about what handing it to a
+    # worker process and back costs; 8 halves that share (BENCHMARKS.md, issue 17).
+    chunk_slices: int = 8
     # Redo every series, replacing what earlier runs wrote into the output directory.
     force: bool = False
     # Rows buffered before a Parquet part is written and committed (what a crash can cost).
