@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from spinelevel.cli import app
 from spinelevel.engine.dicomweb import instance_source, parse_date, parse_input
 from spinelevel.engine.pipeline import plan_key, skip_key
-from spinelevel.engine.scan import SkippedFile
+from spinelevel.engine.scan import ScanOptions, SkippedFile
 from spinelevel.engine.select import SeriesPlan, SeriesSkip, SliceRef
 from spinelevel.engine.sources import Source
 from spinelevel.errors import InputError
@@ -138,3 +138,22 @@ def test_only_transient_retrieval_failures_make_the_series_a_retry(monkeypatch: 
     with pytest.raises(Exception) as info:
         dicomweb.retrieve_dataset(src, 1 << 20)
     assert type(info.value).__name__ == expected
+
+
+def test_instance_metadata_headers_ignore_private_elements(tmp_path: Path) -> None:
+    """The scan of DICOM JSON drops private elements before pydicom parses it: same header."""
+    import pydicom
+
+    from spinelevel.engine.dicomweb import DicomwebConnection, _headers_from_json, _no_bulk
+
+    path = sorted((Path(__file__).parent / "data" / "realworld").rglob("*.dcm"))[0]
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ds.add_new(0x00091010, "LO", "GEMS_IDEN_01")  # a private creator
+    ds.add_new(0x00091001, "LO", "private value")
+    item = ds.to_json_dict()
+    assert "00091001" in item
+    conn = DicomwebConnection("http://127.0.0.1:1/dicom-web")
+    with_private = _headers_from_json(conn, "1", "2", item, ScanOptions())
+    without = _headers_from_json(conn, "1", "2", {k: v for k, v in item.items() if int(k[:4], 16) % 2 == 0}, ScanOptions())
+    assert with_private == without and hasattr(with_private[0], "sop_uid")
+    assert "00091001" not in _no_bulk(item) and "00091010" not in _no_bulk(item) and "00080018" in _no_bulk(item)

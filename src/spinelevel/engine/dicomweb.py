@@ -746,14 +746,19 @@ def json_headers_batch(job: tuple) -> list[FileHeader | SkippedFile]:
 
 
 def _no_bulk(item: dict) -> dict:
-    """``item`` with its bulk data references (pixels, large values) turned into empty values.
+    """``item`` with its bulk data references (pixels, large values) turned into empty values, and
+    without private elements.
 
     Bulk data is never fetched while scanning. Dropping the references before
     ``Dataset.from_json``, rather than passing it a handler, also saves pydicom an
-    ``inspect.signature`` of the handler for every element (most of the scan's time).
+    ``inspect.signature`` of the handler for every element (most of the scan's time). The scan reads
+    no private element (odd group; --keep-phi takes standard keywords only), and vendors' CT headers
+    hold hundreds of them, each costing from_json a data element.
     """
     out = {}
     for tag, element in item.items():
+        if len(tag) == 8 and tag[3] in "13579bBdDfF":  # odd group: private
+            continue
         if isinstance(element, dict):
             if "BulkDataURI" in element:
                 element = {"vr": element.get("vr", "UN")}
