@@ -98,3 +98,29 @@ def test_run_with_qc_writes_the_review_report(tmp_path: Path, series_dir: Path, 
     index = out / "report" / "index.html"
     assert index.is_file()
     assert len(list((out / "report").rglob("*.png"))) >= 2
+
+
+def test_spawned_workers_do_not_rerun_the_command_line_script(tmp_path: Path) -> None:
+    """The installed script is re-run by every spawned worker unless main() says it is spinelevel.__main__."""
+    import subprocess
+    import sys
+
+    (tmp_path / "probe_mod.py").write_text("def probe():\n    import sys\n    return 'typer' in sys.modules\n")
+    script = (
+        "import sys\n"
+        "from spinelevel.cli import spawned_workers_skip_main\n"
+        "import multiprocessing as mp\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "import probe_mod\n"
+        "if __name__ == '__main__':\n"
+        "    if sys.argv[1] == 'skip':\n"
+        "        spawned_workers_skip_main()\n"
+        "    with ProcessPoolExecutor(1, mp_context=mp.get_context('spawn')) as ex:\n"
+        "        print(ex.submit(probe_mod.probe).result())\n"
+    )
+    (tmp_path / "console.py").write_text(script)
+    run = lambda mode: subprocess.run([sys.executable, str(tmp_path / "console.py"), mode], capture_output=True, text=True, timeout=120)  # noqa: E731
+    before, after = run("plain"), run("skip")
+    assert before.returncode == 0 and after.returncode == 0, before.stderr + after.stderr
+    assert before.stdout.strip() == "True"  # the script imported spinelevel.cli (typer) in the worker
+    assert after.stdout.strip() == "False"

@@ -44,9 +44,30 @@ def _bare_flag(argv: list[str], flag: str, value: str) -> list[str]:
     return out
 
 
+def spawned_workers_skip_main() -> None:
+    """Keep spawned worker processes from re-running the main script before their first task.
+
+    multiprocessing's spawn runs the parent's main script again in every worker (as
+    ``__mp_main__``) unless the main module is a package's ``__main__``. For the installed
+    ``spinelevel`` script that is the whole command line (typer, rich, every command: about 0.25 s
+    of CPU per worker) for nothing: workers run engine functions only. Naming the main module
+    ``spinelevel.__main__``, which is what the script runs, makes spawn skip it, as it does for
+    ``python -m spinelevel``. Only the command line does this; a user's script that calls the
+    engine keeps multiprocessing's usual behaviour.
+    """
+    import importlib.machinery
+    import sys
+
+    main_module = sys.modules.get("__main__")
+    if main_module is not None and getattr(main_module, "__spec__", None) is None:
+        main_module.__spec__ = importlib.machinery.ModuleSpec("spinelevel.__main__", None)
+
+
 def main() -> None:
     """Entry point of the installed `spinelevel` script."""
     import sys
+
+    spawned_workers_skip_main()
 
     # `spinelevel run ... --ray` (no address) starts a local Ray instance.
     app(args=_bare_flag(sys.argv[1:], "--ray", "local"), prog_name="spinelevel")
