@@ -47,7 +47,13 @@ def _timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
 def _run_cmd(archive: Path, model: Path, out: Path, extra: list[str]) -> list[str]:
     if out.exists():
         shutil.rmtree(out)
-    return [sys.executable, "-m", "spinelevel", "run", str(archive), "--model", str(model), "--out", str(out), "--quiet", *extra]
+    return [*_spinelevel(), "run", str(archive), "--model", str(model), "--out", str(out), "--quiet", *extra]
+
+
+def _spinelevel() -> list[str]:
+    """The installed ``spinelevel`` script, as a user runs it (else ``python -m spinelevel``)."""
+    script = Path(sys.executable).with_name("spinelevel")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "spinelevel"]
 
 
 def bench_vs_script(archive: Path, model: Path, work: Path, rounds: int = 2, rows: dict[str, list[str]] | None = None, env: dict[str, dict[str, str]] | None = None) -> dict:
