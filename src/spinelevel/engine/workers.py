@@ -285,6 +285,27 @@ def _one_opencv_thread() -> None:
         pass
 
 
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _keep_freed_heap() -> None:
+    """Let a worker keep the memory of the slice it just decoded for the next one (glibc).
+
+    A worker is single-threaded, so its temporaries (HU, windows, resize: a few MB per 512 px slice)
+    come from the main heap, whose top glibc hands back to the kernel after every free above 128 KB;
+    the next slice then faults every page in again. On two cores that was 0.85 million page faults
+    and 1.2 s of system time per 2000 slices (threads, with their own arenas, had none of it). Trim
+    only above 256 MiB, and map only blocks of 32 MiB or more (large multi-frame files) separately.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _init_worker(ring: _SlabFd | None = None) -> None:
     from spinelevel.engine import thirdparty_log
 
@@ -305,6 +326,7 @@ def _init_worker(ring: _SlabFd | None = None) -> None:
             libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
         except (OSError, AttributeError):
             pass
+        _keep_freed_heap()
         if os.getppid() == 1:  # the parent died before prctl took effect
             os._exit(1)
 
