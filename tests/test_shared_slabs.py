@@ -79,13 +79,15 @@ def test_a_worker_that_dies_costs_only_its_task_with_slabs(files: list[Path], mo
             np.testing.assert_array_equal(got[task.indices][1], expected[task.indices][1])
 
 
-def _ring_holders() -> list[int]:
-    """PIDs of processes that map a spinelevel slab ring."""
+def _ring_holders(group: int) -> list[int]:
+    """PIDs of the processes of process group ``group`` (the run under test, started in a session of
+    its own; its workers stay in the group when orphaned) that map a spinelevel slab ring. Other runs
+    on the same machine map rings of their own."""
     pids = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
-                if "memfd:spinelevel-slabs" in Path(f"/proc/{pid}/maps").read_text():
+                if os.getpgid(int(pid)) == group and "memfd:spinelevel-slabs" in Path(f"/proc/{pid}/maps").read_text():
                     pids.append(int(pid))
             except OSError:
                 continue
@@ -104,7 +106,7 @@ def test_sigkill_leaves_no_shared_memory(tmp_path: Path, model_path: Path, group
     cmd = [sys.executable, "-m", "spinelevel", "run", str(tmp_path / "in"), "--model", str(model_path), "--out", str(tmp_path / "out"), "--workers", "2", "--sampling", "full", "--batch-size", "2", "--quiet"]
     proc = subprocess.Popen(cmd, start_new_session=True)
     deadline = time.monotonic() + 60
-    while proc.pid not in _ring_holders():  # the run has made its ring: kill it while it decodes
+    while proc.pid not in _ring_holders(proc.pid):  # the run has made its ring: kill it while it decodes
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it mapped its ring"
         time.sleep(0.05)
     time.sleep(0.3)
@@ -114,9 +116,9 @@ def test_sigkill_leaves_no_shared_memory(tmp_path: Path, model_path: Path, group
         proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     deadline = time.monotonic() + 30
-    while _ring_holders() and time.monotonic() < deadline:  # workers go with their parent (PDEATHSIG)
+    while _ring_holders(proc.pid) and time.monotonic() < deadline:  # workers go with their parent (PDEATHSIG)
         time.sleep(0.1)
-    assert _ring_holders() == [], "a process still maps the ring"
+    assert _ring_holders(proc.pid) == [], "a process still maps the ring"
     if not os.path.isdir("/dev/shm"):
         return
     # the ring is never in /dev/shm (memfd); multiprocessing's queues of the process pool are named
