@@ -59,6 +59,7 @@ BACKENDS: dict[str, str] = {
     "onnxruntime": "spinelevel.engine.backends.onnxruntime",
     "tensorrt": "spinelevel.engine.backends.tensorrt",
     "torch": "spinelevel.engine.backends.torch",
+    "openvino": "spinelevel.engine.backends.openvino",
 }
 
 
