@@ -191,6 +191,9 @@ def quantize_model(model: Path, calibration: Sequence[Path], out: Path, options:
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=method,
+                # Not CalibMaxIntermediateOutputs: onnxruntime 1.32's MinMax calibrator drops the
+                # collected batches when that count is reached instead of folding them into its
+                # ranges. Its collected outputs are per-tensor ReduceMin/ReduceMax values, small.
                 extra_options={"CalibTensorRangeSymmetric": False},
             )
         except Exception as exc:  # noqa: BLE001 - the quantiser raises anything from its graph passes
