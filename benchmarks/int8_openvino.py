@@ -13,7 +13,7 @@ export``'s code (``spinelevel.bench.models.untrained_onnx``) and writes the INT8
 
 ``speed``: per model, one process, every variant loaded once (ONNX Runtime FP32, ONNX Runtime INT8,
 OpenVINO FP32, OpenVINO on the INT8 QDQ file), two warm-up batches each, then rounds in which each
-variant runs one batch, the order rotated every round; median and best seconds per batch, ratios of
+variant runs one batch, the order shuffled every round and 50 ms of sleep before each call; median and best seconds per batch, ratios of
 medians against ONNX Runtime FP32. Inputs are phantom slices through the engine's preprocessing.
 Writes results/int8.json (speed part) and results/openvino.json.
 
@@ -134,16 +134,26 @@ def _inputs(size: int, n: int) -> np.ndarray:
     return np.ascontiguousarray(parity_slices(card, n=n, seed=11))
 
 
-def _interleave(variants: dict, x: np.ndarray, rounds: int, warmup: int = 2) -> dict:
-    """variants: name -> callable(x). Returns name -> per-call seconds."""
+def _interleave(variants: dict, x: np.ndarray, rounds: int, warmup: int = 2, gap_s: float = 0.05) -> dict:
+    """variants: name -> callable(x). Returns name -> per-call seconds.
+
+    The order is shuffled every round (seeded) and each call is preceded by ``gap_s`` of sleep: an
+    ONNX Runtime thread pool keeps spinning for a while after its call returns, which would slow
+    whichever variant always came next in a fixed rotation.
+    """
+    import random
+
     for fn in variants.values():
         for _ in range(warmup):
             fn(x)
     names = list(variants)
     times: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+    rng = random.Random(0)
+    for _ in range(rounds):
+        order = names[:]
+        rng.shuffle(order)
         for k in order:
+            time.sleep(gap_s)
             t = time.perf_counter()
             variants[k](x)
             times[k].append(time.perf_counter() - t)
@@ -196,7 +206,7 @@ def speed(work: Path, names: list[str]) -> None:
         int8_rows[name] = {**meta, "ort_fp32": summary["ort_fp32"], "ort_int8": summary.get("ort_int8"), "int8_vs_fp32_on_these_slices": diff.get("ort_int8")}
         ov_rows[name] = {**meta, **{k: summary.get(k) for k in ("ort_fp32", "openvino_fp32", "openvino_int8", "ort_int8")}, "output_vs_ort_fp32": {k: diff.get(k) for k in ("openvino_fp32", "openvino_int8")}}
         print(json.dumps(ov_rows[name], indent=1), flush=True)
-    method = ("one process, variants loaded once, 2 warm-up batches each, then rounds of one batch per variant with the order rotated each round; "
+    method = ("one process, variants loaded once, 2 warm-up batches each, then rounds of one batch per variant, order shuffled each round, 50 ms sleep before each call; "
               "medians and bests of seconds per batch; inputs: phantom slices through the engine's preprocessing (preprocess 2)")
     machine = describe_machine()
     import onnxruntime
@@ -412,6 +422,7 @@ def _whole_runs(archive: Path, work: Path, rounds: int) -> dict:
         "wall_s": {k: [round(t, 2) for t in v] for k, v in times.items()},
         "median_slices_per_s": {k: round(slices / v, 1) for k, v in med.items()},
         "spinning_off_speedup_median": round(med["default"] / med["spinning_off"], 3),
+        "spinning_off_speedup_per_round": [round(a / b, 3) for a, b in zip(times["default"], times["spinning_off"])],
         "spinning_off_speedup_best": round(min(times["default"]) / min(times["spinning_off"]), 3),
         "method": "subprocess 'spinelevel run' per round, fresh output folder, order alternating each round, one uncounted warm-up round; spinning off by patching ort.InferenceSession in the run's process",
     }
@@ -469,7 +480,8 @@ def ort_options(work: Path, archive: Path, rounds: int, run_rounds: int) -> None
         micro[name] = row
         print(json.dumps(row, indent=1), flush=True)
     result["micro"] = micro
-    result["micro_method"] = ("one process, one session per config, batch 16 of phantom slices, 2 warm-up batches, rounds of one batch per config with rotating order; "
+    result["micro_method"] = ("one process, one session per config, batch 16 of phantom slices, 2 warm-up batches, rounds of one batch per config, order shuffled each round, 50 ms sleep before each call; "
+                              "'default' and 'spinning_on' are the same configuration, so their ratio shows the noise; "
                               "'with_2_decode_processes': two processes decode (pydicom) and preprocess phantom DICOM slices in a loop meanwhile, "
                               "their slices/s during each config's batches is recorded (decode_slices_per_s_meanwhile)")
     result["configs"] = {k: {kk: str(vv) for kk, vv in v.items()} for k, v in configs.items()}
