@@ -87,3 +87,11 @@ def test_cli_quantize_takes_several_folders(tmp_path: Path, series_dir: Path, he
     assert read_card(out).extra["quantization"]["calibration_data"] == [series_dir.name, held_out.name]
     res = CliRunner().invoke(app, ["quantize", str(fp32), "--calibration", str(series_dir), "--method", "bogus", "--out", str(out)])
     assert res.exit_code == 1 and "bogus" in res.output
+
+
+def test_histogram_calibration_with_a_short_last_batch(tmp_path: Path, series_dir: Path) -> None:
+    fp32 = tiny_cnn_onnx(tmp_path / "m.onnx", size=32)
+    result = quantize_model(fp32, [series_dir], tmp_path / "p.onnx", QuantizeOptions(slices=20, batch=8, method="percentile"))
+    assert result.n_calibration == 16  # equal batches: 20 -> 2 x 8
+    assert read_card(result.path).extra["quantization"]["calibration_method"] == "percentile"
+    assert result.argmax_agreement >= 0.9

@@ -169,6 +169,12 @@ def quantize_model(model: Path, calibration: Sequence[Path], out: Path, options:
     model, out = Path(model), Path(out)
     card = read_card(model)
     x = calibration_inputs(card, calibration, options.slices)
+    batch = max(1, options.batch)
+    if options.method != "minmax" and len(x) > batch and len(x) % batch:
+        # The histogram calibrators stack every batch's outputs into one array: batches must be
+        # equal (onnxruntime 1.32 fails with "inhomogeneous shape" on a short last batch).
+        log.info("calibration: %d slices, the last %d dropped for equal batches of %d", len(x), len(x) % batch, batch)
+        x = x[: len(x) - len(x) % batch]
     input_name = onnx.load(str(model), load_external_data=False).graph.input[0].name
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[options.method]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -184,7 +190,7 @@ def quantize_model(model: Path, calibration: Sequence[Path], out: Path, options:
             quantize_static(
                 str(pre),
                 str(raw),
-                _reader(input_name, x, max(1, options.batch)),
+                _reader(input_name, x, batch),
                 quant_format=QuantFormat.QDQ,
                 per_channel=options.per_channel,
                 reduce_range=options.reduce_range,
