@@ -19,7 +19,7 @@ def quantize(
     calibration: Annotated[list[Path], typer.Option("--calibration", "-c", help="DICOM folder (phantom or real CT) whose slices calibrate the activation ranges; more folders may follow it or the option may be repeated.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The INT8 ONNX file to write (card kept, precision int8).")],
     more: Annotated[list[Path] | None, typer.Argument(help="More calibration folders (as in '--calibration A B').", show_default=False)] = None,
-    slices: Annotated[int, typer.Option("--slices", min=1, help="Calibration slices, evenly spaced over all series.")] = 128,
+    slices: Annotated[int, typer.Option("--slices", min=1, help="Calibration slices: an equal share per folder, evenly spaced over its series.")] = 128,
     method: Annotated[str, typer.Option("--method", help="Calibration: minmax, entropy or percentile (entropy agreed best with FP32 on the demo model, BENCHMARKS.md; it holds every activation of the calibration slices in memory).")] = "minmax",
     per_tensor: Annotated[bool, typer.Option("--per-tensor", help="One weight scale per tensor instead of per output channel.")] = False,
     reduce_range: Annotated[bool, typer.Option("--reduce-range", help="7-bit weights, for CPUs without VNNI.")] = False,
