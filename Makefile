@@ -12,7 +12,7 @@ DEMO := demo-out
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[dev,train,gpu,ray,gdcm,dicomweb]'
+	$(PIP) install -q -e '.[dev,train,gpu,ray,gdcm,dicomweb,openvino]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -100,7 +100,7 @@ def run(
     paths: Annotated[list[str], typer.Argument(help="DICOM folders, .zip, .tar, .tar.gz/.tgz archives, single files, or DICOMweb services written dicomweb+https://host/dicom-web, in any mix.", show_default=False)],
     model: Annotated[Path, typer.Option("--model", "-m", help="Model with a spinelevel card: ONNX, TensorRT .engine, training .safetensors, or 'demo' (the bundled phantom-trained model).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (slices/, series/, skipped/ Parquet datasets and run.json).")],
-    backend: Annotated[str, typer.Option("--backend", help="auto (TensorRT, then torch on CUDA, then ONNX Runtime), onnxruntime, tensorrt or torch.")] = "auto",
+    backend: Annotated[str, typer.Option("--backend", help="auto (TensorRT, then torch on CUDA, then ONNX Runtime), onnxruntime, tensorrt, torch or openvino (CPU, optional).")] = "auto",
     device: Annotated[str | None, typer.Option("--device", help="GPU backends: cuda, cuda:1, or cpu (torch).")] = None,
     preprocess: Annotated[Preprocess, typer.Option("--preprocess", help="numpy (in the decode workers) or dali (one DALI graph; on the GPU with a GPU backend).")] = Preprocess.numpy,
     j2k_decoder: Annotated[J2kDecoder, typer.Option("--j2k-decoder", help="JPEG 2000/HTJ2K decoder: cpu (openjpeg), nvimgcodec or dali (nvJPEG2000 on the GPU where it is bit-exact with openjpeg, checked per kind; the CPU otherwise, with the reason in run.json). nvimgcodec needs nvidia-nvimgcodec-cu13 and nvidia-nvjpeg2k-cu13.")] = J2kDecoder.cpu,

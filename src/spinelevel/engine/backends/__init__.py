@@ -52,6 +52,10 @@ class BackendOptions:
     cuda_graphs: bool = False
     # torch backend: torch.compile the model.
     compile: bool = False
+    # onnxruntime backend: let idle intra-op threads spin waiting for work (None: ONNX Runtime's
+    # default, on). Off hands the cores back to the decode workers between batches: a whole CPU run
+    # with 2 decode workers on 2 cores was 1.6x faster (BENCHMARKS.md, issue 17).
+    spinning: bool | None = None
 
 
 # Backend name -> module implementing it.
@@ -59,6 +63,7 @@ BACKENDS: dict[str, str] = {
     "onnxruntime": "spinelevel.engine.backends.onnxruntime",
     "tensorrt": "spinelevel.engine.backends.tensorrt",
     "torch": "spinelevel.engine.backends.torch",
+    "openvino": "spinelevel.engine.backends.openvino",
 }
 
 

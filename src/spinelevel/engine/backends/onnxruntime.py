@@ -37,7 +37,7 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, model: Path, card: ModelCard, max_batch: int = 16, threads: int | None = None) -> None:
+    def __init__(self, model: Path, card: ModelCard, max_batch: int = 16, threads: int | None = None, spinning: bool | None = None) -> None:
         import onnxruntime as ort
 
         self.card = card
@@ -46,6 +46,9 @@ class OnnxRuntimeBackend:
         if threads:
             opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
+        if spinning is not None:
+            # ORT's documented session config key; "0" makes idle pool threads block at once
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         opts.log_severity_level = 3
         try:
             self._session = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
@@ -109,4 +112,4 @@ def _one_line(exc: BaseException) -> str:
 
 def load(model: Path, card: ModelCard, options) -> OnnxRuntimeBackend:  # noqa: ANN001 - BackendOptions
     """Registry entry point."""
-    return OnnxRuntimeBackend(model, card, max_batch=options.max_batch, threads=options.threads)
+    return OnnxRuntimeBackend(model, card, max_batch=options.max_batch, threads=options.threads, spinning=getattr(options, "spinning", None))
