@@ -26,3 +26,20 @@ def test_spinning_reaches_the_session(model_path: Path, spinning: bool | None, e
     x = np.random.default_rng(0).random((5, 3, 32, 32), dtype=np.float32)
     assert np.allclose(backend.infer(x), reference_probs(x), atol=1e-5)
     backend.close()
+
+
+@pytest.mark.parametrize(("workers", "choice", "expected"), [(2, None, False), (0, None, None), (2, True, True), (0, False, False)])
+def test_runs_turn_spinning_off_while_decode_workers_share_the_cores(tmp_path: Path, model_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int, choice: bool | None, expected: bool | None) -> None:
+    import json
+
+    from dicomgen import SeriesSpec, write_series
+    from spinelevel.engine import pipeline
+
+    seen = []
+    real = pipeline.load_backend
+    monkeypatch.setattr(pipeline, "load_backend", lambda name, model, card, options: seen.append(options.spinning) or real(name, model, card, options))
+    write_series(tmp_path / "in", SeriesSpec(levels=["L2", "L3", "L3", "L4"], size=32))
+    pipeline.run([tmp_path / "in"], model_path, tmp_path / "out", pipeline.RunOptions(workers=workers, ort_spinning=choice, sampling=pipeline.SamplingOptions(mode="full")))
+    assert seen == [expected]
+    manifest = json.loads((tmp_path / "out" / "run.json").read_text())["runs"][-1]
+    assert manifest["options"]["ort_spinning"] == expected

@@ -90,6 +90,10 @@ class RunOptions:
     batch_size: int = 16
     # Intra-op threads of the inference runtime (None: its default).
     threads: int | None = None
+    # ONNX Runtime: let idle intra-op threads spin waiting for the next batch. None: off while decode
+    # workers run beside inference (spinning takes their cores between batches: a whole run on two
+    # cores was 1.45x faster with it off, BENCHMARKS.md), ONNX Runtime's default (on) without them.
+    ort_spinning: bool | None = None
     # Decode/preprocess workers; 0 or 1 decodes in the main process.
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     # 'processes' (a crashing decoder costs only its files) or 'threads' (faster: no transfer of
@@ -748,7 +752,7 @@ def run(paths: list[Path], model: Path, out: Path, options: RunOptions = RunOpti
     choice = choose_backend(model, options.backend)
     model = Path(choice.model)
     card: ModelCard = read_card(model)
-    backend_options = BackendOptions(max_batch=options.batch_size, threads=options.threads, device=options.device, cuda_graphs=options.cuda_graphs, compile=options.compile)
+    backend_options = BackendOptions(max_batch=options.batch_size, threads=options.threads, device=options.device, cuda_graphs=options.cuda_graphs, compile=options.compile, spinning=ort_spinning(options))
     backend = load_backend(choice.name, model, card, backend_options)
     model_sha = file_sha256(model)
     mode = resolve_mode(options.sampling.mode, gpu_backend=_on_gpu(backend))
@@ -758,6 +762,14 @@ def run(paths: list[Path], model: Path, out: Path, options: RunOptions = RunOpti
             return _run_locked(paths, model, out, options, progress, card, backend, choice, model_sha, mode, run_id, started, started_at)
         finally:
             backend.close()
+
+
+def ort_spinning(options: RunOptions) -> bool | None:
+    """ONNX Runtime's intra-op spinning for a run: the user's choice, else off while decode workers
+    share the cores with inference, else ONNX Runtime's default (None)."""
+    if options.ort_spinning is not None:
+        return options.ort_spinning
+    return False if options.workers > 1 else None
 
 
 def _device_index(device: str | None) -> int:
@@ -794,7 +806,7 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
     if options.force:
         forget_everything(state, run_id)
 
-    manifest_run = manifest_entry(run_id, started_at, model, model_sha, card, choice, options, mode, paths, {"workers": options.workers, "worker_kind": options.worker_kind})
+    manifest_run = manifest_entry(run_id, started_at, model, model_sha, card, choice, options, mode, paths, {"workers": options.workers, "worker_kind": options.worker_kind, "ort_spinning": ort_spinning(options)})
     manifest = start_history(out, manifest_run)
 
     from spinelevel.engine import thirdparty_log
