@@ -335,3 +335,19 @@ def test_object_store_output_is_refused_before_anything_is_created(tmp_path: Pat
     with pytest.raises(InputError, match="object-store"):
         run([series_dir], model_path, Path("s3://bucket/out"), RunOptions(workers=0))
     assert not (tmp_path / "s3:").exists()
+
+
+def test_a_run_on_a_few_small_files_starts_no_worker_processes(tmp_path: Path, model_path: Path) -> None:
+    import json
+
+    from spinelevel.engine.pipeline import RunOptions, small_input_options
+
+    from conftest import LEVELS_30
+
+    paths = write_series(tmp_path / "in", SeriesSpec(levels=LEVELS_30[:12], size=32), nested=False)
+    assert small_input_options(paths, RunOptions(workers=2)).workers == 0
+    assert small_input_options([tmp_path / "in"], RunOptions(workers=2)).workers == 2  # a folder: workers
+    assert small_input_options(paths * 5, RunOptions(workers=2)).workers == 2  # more than 16 files
+    run(paths, model_path, tmp_path / "out", RunOptions(workers=2))
+    manifest = json.loads((tmp_path / "out" / "run.json").read_text())["runs"][-1]
+    assert manifest["options"]["workers"] == 0 and manifest["counts"]["series_ok"] == 1

@@ -517,6 +517,35 @@ def check_run_inputs(paths: list[Path], options: RunOptions) -> list[Path]:
     return out
 
 
+# A run on at most this many plain files, of at most this many bytes in all, decodes in the main
+# process: starting worker processes (each imports Python, numpy, pydicom and OpenCV, about 0.5 s of
+# CPU) would cost more than they save (a one-file run: 1.15 s without workers, 1.85 s with two on a
+# loaded machine; BENCHMARKS.md).
+SMALL_INPUT_FILES = 16
+SMALL_INPUT_BYTES = 32 << 20
+
+
+def small_input_options(paths: list[Path], options: RunOptions) -> RunOptions:
+    """``options`` with ``workers=0`` for a run on a few small files (no folder, no DICOMweb)."""
+    if options.workers <= 1 or options.dicomweb or len(paths) > SMALL_INPUT_FILES:
+        return options
+    total = 0
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            return options
+        if not os.path.isfile(p):
+            return options
+        total += st.st_size
+    if total > SMALL_INPUT_BYTES:
+        return options
+    log.info("%d small input file(s): decoding in the main process, without worker processes", len(paths))
+    from dataclasses import replace
+
+    return replace(options, workers=0)
+
+
 def new_run_id() -> str:
     """A run id that sorts by start time: UTC timestamp plus a random suffix."""
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
@@ -726,6 +755,7 @@ def run(paths: list[Path], model: Path, out: Path, options: RunOptions = RunOpti
 
     progress = progress or NoProgress()
     paths = check_run_inputs(paths, options)
+    options = small_input_options(paths, options)
     if options.dicomweb:
         from spinelevel.engine.dicomweb import check_server
 
