@@ -366,6 +366,44 @@ def test_installing_gdcm_does_not_change_the_decoder_of_current_syntaxes(monkeyp
     assert used == ["pylibjpeg"]
 
 
+
+def _jls_files() -> list[Path]:
+    out = []
+    for p in sorted((DATA / "realworld").rglob("*.dcm")):
+        try:
+            if str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.get("TransferSyntaxUID", "")) in ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"):
+                out.append(p)
+        except Exception:
+            continue
+    return out
+
+
+def test_jpeg_ls_goes_to_charls_first_with_the_same_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pyjpegls (CharLS) decodes JPEG-LS about 4x faster than pylibjpeg, which pydicom tries first."""
+    import pydicom.pixels
+
+    from spinelevel.engine import decode
+
+    files = _jls_files()
+    assert len(files) >= 2  # lossless and near-lossless, real files
+    real = pydicom.pixels.pixel_array
+    used: list[str] = []
+
+    def spy(src, *a, decoding_plugin="", **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        used.append(decoding_plugin)
+        return real(src, *a, decoding_plugin=decoding_plugin, **kw)
+
+    for path in files:
+        ds = pydicom.dcmread(path)
+        reference = real(ds, decoding_plugin="pylibjpeg")
+        monkeypatch.setattr(pydicom.pixels, "pixel_array", spy)
+        used.clear()
+        got = decode._pixel_array(ds, str(ds.file_meta.TransferSyntaxUID), None)
+        monkeypatch.setattr(pydicom.pixels, "pixel_array", real)
+        assert used == ["pyjpegls"], path.name
+        assert got.dtype == reference.dtype and np.array_equal(got, reference), path.name
+
+
 # -- values outside the field of view ---------------------------------------------------------
 
 
