@@ -463,30 +463,32 @@ class DecodePool:
         if self._pool is None:
             self._restart()
         source = iter(items)
-        # (item, future, result) in order; future None: computed here (result), or to compute here
-        pending: deque[tuple[object, Future | None, object]] = deque()
+        # (item, future, result, pool generation) in order; future None: computed here (result), or
+        # to compute here (todo)
+        pending: deque[tuple[object, Future | None, object, int]] = deque()
         in_flight = 0
+        generation = 0
         todo = object()
 
         def submit_next() -> bool:
             nonlocal in_flight
             for item in source:
                 try:
-                    pending.append((item, self._pool.submit(fn, item), None))  # type: ignore[union-attr]
+                    pending.append((item, self._pool.submit(fn, item), None, generation))  # type: ignore[union-attr]
                     in_flight += 1
                 except BrokenProcessPool:
-                    pending.append((item, None, todo))
+                    pending.append((item, None, todo, generation))
                 return True
             return False
 
         while in_flight < self.max_in_flight and submit_next():
             pass
         while pending:
-            item, future, result = pending[0]
+            item, future, result, born = pending[0]
             if future is not None and not future.done():
                 extra = next(source, todo)
                 if extra is not todo:  # work here while the workers are busy
-                    pending.append((extra, None, fn(extra)))
+                    pending.append((extra, None, fn(extra), generation))
                     continue
             pending.popleft()
             try:
@@ -496,7 +498,9 @@ class DecodePool:
                 elif result is todo:
                     result = fn(item)
             except BrokenProcessPool:
-                self._restart()
+                if born == generation:  # the current pool broke: rebuild it once, not per lost item
+                    self._restart()
+                    generation += 1
                 result = fn(item)
             yield result
             while in_flight < self.max_in_flight and submit_next():
