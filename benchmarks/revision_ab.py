@@ -68,10 +68,14 @@ def main() -> None:
         try:
             times: dict[str, list[float]] = {"base": [], "head": []}
             srcs = {"base": tree / "src", "head": REPO / "src"}
-            _run(srcs["head"], archive, args.model, Path(tmp) / "warm", args.workers)  # page cache, imports
+            # output folders apart from the worktree: an output at tmp/base would be the base code itself,
+            # removed before each base run (which then ran the installed head code; fixed in issue 17)
+            _run(srcs["head"], archive, args.model, Path(tmp) / "out-warm", args.workers)  # page cache, imports
             for _ in range(args.rounds):
                 for name in ("base", "head"):
-                    times[name].append(_run(srcs[name], archive, args.model, Path(tmp) / name, args.workers))
+                    if not (srcs[name] / "spinelevel" / "__init__.py").is_file():
+                        raise SystemExit(f"{srcs[name]}: the {name} code is missing")
+                    times[name].append(_run(srcs[name], archive, args.model, Path(tmp) / f"out-{name}", args.workers))
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True)
     import pyarrow.parquet as pq
