@@ -70,7 +70,8 @@ def main() -> None:
             srcs = {"base": tree / "src", "head": REPO / "src"}
             # output folders apart from the worktree: an output at tmp/base would be the base code itself,
             # removed before each base run (which then ran the installed head code; fixed in issue 17)
-            _run(srcs["head"], archive, args.model, Path(tmp) / "out-warm", args.workers)  # page cache, imports
+            for name in ("base", "head"):  # page cache, imports, the fresh worktree's bytecode
+                _run(srcs[name], archive, args.model, Path(tmp) / "out-warm", args.workers)
             for _ in range(args.rounds):
                 for name in ("base", "head"):
                     if not (srcs[name] / "spinelevel" / "__init__.py").is_file():
