@@ -120,3 +120,20 @@ def test_realism_draws_leave_earlier_draws_alone() -> None:
     assert {spec.bowel_loops >= 0, 500.0 <= spec.cortex_hu <= 900.0, -0.1 <= spec.wall_back <= 0.45} == {True}
     again = plan_study(PhantomOptions(seed=1300, studies=3), 2)
     assert again.real_seed == spec.real_seed and again.vertebrae == spec.vertebrae
+
+
+def test_thick_slices_average_over_their_thickness() -> None:
+    from spinelevel.phantom import render_series
+
+    for thickness, n in ((5.0, 3), (1.0, 1)):
+        spec = plan_study(PhantomOptions(size=64, seed=4, coverage="lumbar", variant="none", thickness_mm=thickness,
+                                         second_recon_probability=0.0), 0)
+        vol = render_series(spec, noise=False)
+        anatomy = Anatomy(spec)
+        k = len(spec.series[0].z) // 2
+        z = float(spec.series[0].z[k])
+        offsets = (0.0,) if n == 1 else (0.0, -thickness / 3.0, thickness / 3.0)
+        expected = sum(anatomy.render(z + o) for o in offsets) / np.float32(len(offsets))
+        np.testing.assert_allclose(vol[k], expected, atol=1e-3)
+        if n > 1:
+            assert not np.allclose(vol[k], anatomy.render(z), atol=1.0)
