@@ -137,3 +137,20 @@ def test_thick_slices_average_over_their_thickness() -> None:
         np.testing.assert_allclose(vol[k], expected, atol=1e-3)
         if n > 1:
             assert not np.allclose(vol[k], anatomy.render(z), atol=1.0)
+
+
+def test_transverse_colon_hangs_at_colon_drop() -> None:
+    # the transverse colon is a wide anterior band: at L2 when colon_drop is 0, near L4-L5 when it is 1
+    def anterior_band(spec, name: str) -> int:
+        anatomy = Anatomy(spec)
+        vert = spec.vertebra(name)
+        z = (vert.top_z + vert.bottom_z) / 2
+        a = anatomy.render(z)
+        b = Anatomy(dataclasses.replace(spec, colon_content="fluid")).render(z)
+        return int((np.abs(a - b) > 1.0).sum())  # pixels that change with the colon's content
+
+    high = _spec(colon_drop=0.0, colon_content="air", bowel_loops=0)
+    low = dataclasses.replace(high, colon_drop=1.0)
+    l2_high, l2_low = anterior_band(high, "L2"), anterior_band(low, "L2")
+    assert l2_high > 200 and l2_low == 0
+    assert anterior_band(low, "L4") + anterior_band(low, "L5") > 200

@@ -186,6 +186,12 @@ class Anatomy:
             tubes.append(_Tube(t + length / 2, t - length / 2, rng.uniform(-0.7, 0.7), rng.uniform(-0.8, 0.0),
                                rng.uniform(0.02, 0.15), rng.uniform(0.02, 0.15), rng.uniform(0.01, 0.05),
                                rng.uniform(0, 6.3), rng.uniform(5, 13), content))
+        for _ in range(int(rng.integers(0, 4))):  # redundant or sagging colon: wide, with stool or gas
+            t = rng.uniform(bottom, top)
+            length = rng.uniform(30, 90)
+            tubes.append(_Tube(t + length / 2, t - length / 2, rng.uniform(-0.6, 0.6), rng.uniform(-0.75, -0.3),
+                               rng.uniform(0.02, 0.1), rng.uniform(0.02, 0.08), rng.uniform(0.01, 0.03),
+                               rng.uniform(0, 6.3), rng.uniform(15, 24), "stool" if rng.random() < 0.7 else "air"))
         return tubes
 
     def _rib(self, k: int, side: float) -> tuple[np.ndarray, np.ndarray, float]:
@@ -442,12 +448,24 @@ class Anatomy:
             else:
                 cv.ellipse(u, vv, inner, inner, 18.0)
                 cv.ellipse(u, vv, inner, inner, _AIR, above=vv + 0.3 * inner)
-        # transverse colon, hanging anteriorly at L2
-        tc = _profile(z, v["L1"].bottom_z, v["L2"].bottom_z)
+        # transverse colon, hanging anteriorly from L2 down to L5 (colon_drop), with mottled stool, gas
+        # or fluid: its height is no landmark of a level
+        lum5 = self.lumbar[min(4, len(self.lumbar) - 1)]
+        drop = s.colon_drop * (v["L2"].bottom_z - lum5.bottom_z)
+        tc = _profile(z, v["L1"].bottom_z - drop, v["L2"].bottom_z - drop)
         if tc > 0.3:
             pts = np.array([[-0.6 * ac, -0.35 * bc], [-0.2 * ac, -0.72 * bc], [0.3 * ac, -0.7 * bc], [0.62 * ac, -0.3 * bc]])
             cv.polyline(pts, 16.0 * tc, wall)
-            cv.polyline(pts, 13.0 * tc, -20.0)
+            inner = 13.0 * tc
+            cv.polyline(pts, inner, {"stool": -20.0, "air": _AIR, "fluid": 15.0}[s.colon_content])
+            if s.colon_content == "stool":
+                seg = np.linspace(0.0, 1.0, 14)
+                for k, tk in enumerate(seg):
+                    i = min(int(tk * 3), 2)
+                    f_ = tk * 3 - i
+                    pu, pv = pts[i] * (1 - f_) + pts[i + 1] * f_
+                    ang = 2.4 * k + 0.07 * z
+                    cv.ellipse(pu + 0.5 * inner * math.cos(ang), pv + 0.5 * inner * math.sin(ang), 2.5, 2.5, _AIR)
         del s
 
     def _pelvis_soft(self, cv: Canvas, z: float, f: dict[str, float]) -> None:

@@ -150,6 +150,8 @@ class StudySpec:
     bowel_gas: float  # chance that a loop holds gas; the colon's stool is mottled with gas bubbles
     table_curved: bool  # curved (cradle) table top instead of a flat one
     real_seed: int  # seed of the realism details (extra loops, stool bubbles)
+    colon_drop: float  # how far the transverse colon hangs: 0 at L2, 1 at L5 (it sags into the pelvis in many adults)
+    colon_content: str  # transverse colon content: 'stool', 'air' or 'fluid'
     series: tuple[SeriesSpec, ...]  # axial CT series
     localizer_images: int  # 0 (none) to 3 localizer images
     localizer_series_uid: str  # SeriesInstanceUID of the localizer series
@@ -424,6 +426,8 @@ def plan_study(options: PhantomOptions, index: int) -> StudySpec:
         bowel_gas=float(real.uniform(0.05, 0.5)),
         table_curved=bool(real.random() < 0.5),
         real_seed=int(real.integers(0, 2**31)),
+        colon_drop=float(real.uniform(0.0, 1.0) ** 1.5),
+        colon_content=str(real.choice(("stool", "stool", "air", "fluid"))),
         series=tuple(series),
         localizer_images=localizer_images,
         localizer_series_uid=_uid("localizer", *key),
