@@ -640,7 +640,7 @@ class Anatomy:
 
     def _pelvis_bone(self, cv: Canvas, z: float, f: dict[str, float]) -> None:
         s, v = self.spec, self.vert
-        ac, bc, sx, sy = f["ac"], f["bc"], f["sx"], f["sy"]
+        bc = f["bc"]
         fh = s.femoral_head_z
         R = self.fh_r
         fv = -0.08 * f["b"] + 10.0
@@ -679,7 +679,7 @@ class Anatomy:
                 self._bone(cv, side * 9.0, -0.78 * bc, 8.0, 14.0, shell=2.0)
             if fh - 8 > z > fh - 65:
                 self._bone(cv, hu - side * 22.0, fv + 42.0, 11.0, 16.0, shell=2.5)
-        del v, sy
+        del v
 
     def _ilium(self, cv: Canvas, z: float, f: dict[str, float]) -> None:
         """Iliac wings: oblique plates from the sacroiliac joint (or, above the sacrum, beside the L5
