@@ -84,6 +84,7 @@ class Anatomy:
     def __init__(self, spec: StudySpec) -> None:
         self.spec = spec
         self.phase = _PHASES.index(spec.contrast)
+        self.cortex = spec.cortex_hu
         rng = np.random.default_rng(spec.anatomy_seed)
         vs = spec.vertebrae
         self.vert = {v.name: v for v in vs}
@@ -131,6 +132,10 @@ class Anatomy:
                          rng.uniform(0.02, 0.06), rng.uniform(0, 6.3)) for _ in range(40)]
         self.ribs = [self._rib(k, side) for k in range(1, 13) for side in (-1.0, 1.0)]
         self._back_muscle = 0.0
+        # realism details (their own seed, so the draws above stay what they were for a seed)
+        real = np.random.default_rng(spec.real_seed)
+        self.tubes += self._more_bowel(real)
+        self.bubbles = [real.uniform((0.0, 0.0, 1.2), (6.3, 0.85, 3.2), size=(int(real.integers(6, 15)), 3)) for _ in self.tubes]
 
     # --- per-slice frame ---------------------------------------------------------------------------
 
@@ -166,6 +171,27 @@ class Anatomy:
         tubes.append(_Tube(c["L1"], c["S1"], -0.70, -0.05, 0.02, 0.02, 0.01, 0.0, rng.uniform(18, 26), colon()))
         tubes.append(_Tube(c["T12"], v["L5"].bottom_z, 0.72, 0.05, 0.02, 0.02, 0.01, 1.0, rng.uniform(14, 19), colon()))
         tubes.append(_Tube(v["S1"].top_z, v["S3"].bottom_z, 0.35, -0.2, 0.15, 0.1, 0.03, 2.0, rng.uniform(14, 18), colon()))
+        return tubes
+
+    def _more_bowel(self, rng: np.random.Generator) -> list[_Tube]:
+        """Extra small-bowel loops: collapsed (soft tissue), fluid-filled or with gas, of varied calibre."""
+        v = self.vert
+        top, bottom = v["L1"].top_z, v["S3"].bottom_z
+        tubes: list[_Tube] = []
+        for _ in range(self.spec.bowel_loops):
+            t = rng.uniform(bottom, top)
+            length = rng.uniform(30, 120)
+            x = rng.random()
+            content = "air" if x < self.spec.bowel_gas else ("collapsed" if x < self.spec.bowel_gas + 0.3 else "fluid")
+            tubes.append(_Tube(t + length / 2, t - length / 2, rng.uniform(-0.7, 0.7), rng.uniform(-0.8, 0.0),
+                               rng.uniform(0.02, 0.15), rng.uniform(0.02, 0.15), rng.uniform(0.01, 0.05),
+                               rng.uniform(0, 6.3), rng.uniform(5, 13), content))
+        for _ in range(int(rng.integers(0, 4))):  # redundant or sagging colon: wide, with stool or gas
+            t = rng.uniform(bottom, top)
+            length = rng.uniform(30, 90)
+            tubes.append(_Tube(t + length / 2, t - length / 2, rng.uniform(-0.6, 0.6), rng.uniform(-0.75, -0.3),
+                               rng.uniform(0.02, 0.1), rng.uniform(0.02, 0.08), rng.uniform(0.01, 0.03),
+                               rng.uniform(0, 6.3), rng.uniform(15, 24), "stool" if rng.random() < 0.7 else "air"))
         return tubes
 
     def _rib(self, k: int, side: float) -> tuple[np.ndarray, np.ndarray, float]:
@@ -205,7 +231,11 @@ class Anatomy:
         cv.set_frame(*self._origin(f))
         a, b = f["a"], f["b"]
         muscle = self.hu("muscle")
-        cv.body(a, b, [(0.0, _SKIN), (2.0, _FAT + 5.0), (2.0 + f["fat"], muscle), (2.0 + f["fat"] + f["mus"], _FAT)])
+        # below the chest the wall muscles (rectus, obliques, transversus) stop at the flank: behind
+        # them subcutaneous fat meets the paraspinal muscles and quadratus lumborum
+        c = self.center
+        back = 1.5 + (s.wall_back - 1.5) * _ramp(z, c["T11"], c["L1"])
+        cv.body(a, b, [(0.0, _SKIN), (2.0, _FAT + 5.0), (2.0 + f["fat"], muscle, back * b), (2.0 + f["fat"] + f["mus"], _FAT)])
         self._muscles(cv, z, f)
         self._thorax(cv, z, f)
         self._abdomen(cv, z, f)
@@ -241,9 +271,12 @@ class Anatomy:
         ys = s.origin[1] + np.arange(n) * s.pixel_spacing
         # a flat carbon table: thin dense shells around a foam core, fixed to the scanner (not rotated)
         inside_x = np.abs(xs - s.body_x) < 235.0
-        rows = (ys >= y)[:, None] & (ys < y + 45.0)[:, None] & inside_x[None, :]
+        # a cradle table rises at its sides (radius 700 mm), a flat one does not
+        lift = ((xs - s.body_x) ** 2 / 1400.0)[None, :] if s.table_curved else np.zeros((1, n))
+        yy = ys[:, None] + lift
+        rows = (yy >= y) & (yy < y + 45.0) & inside_x[None, :]
         cv.img[rows] = -850.0
-        shell = (((ys >= y) & (ys < y + 3.0)) | ((ys >= y + 42.0) & (ys < y + 45.0)))[:, None] & inside_x[None, :]
+        shell = (((yy >= y) & (yy < y + 3.0)) | ((yy >= y + 42.0) & (yy < y + 45.0))) & inside_x[None, :]
         cv.img[shell] = 180.0
 
     def _muscles(self, cv: Canvas, z: float, f: dict[str, float]) -> None:
@@ -328,7 +361,7 @@ class Anatomy:
             pts = np.array([[-0.05 * ac, -0.42 * bc], [0.1 * ac, -0.3 * bc], [sx + 16.0, sy - self._depth(z) - 6.0]])
             cv.polyline(pts, 13.0, self.hu("blood"))
         if v["T2"].top_z > z > c["T10"]:
-            cv.ellipse(0.0, -bc - 2.0, 16.0, 8.0, _CORTEX)
+            cv.ellipse(0.0, -bc - 2.0, 16.0, 8.0, self.cortex)
             cv.ellipse(0.0, -bc - 2.0, 13.5, 5.5, self.spec.bone_hu + 80)
 
     def _abdomen(self, cv: Canvas, z: float, f: dict[str, float]) -> None:
@@ -390,7 +423,7 @@ class Anatomy:
             cv.ellipse(sx - 22.0, sy - d - 12.0, 13.0, 9.0, vein)
         # bowel loops and colon
         wall = self.hu("bowel_wall")
-        for tube in self.tubes:
+        for k, tube in enumerate(self.tubes):
             if not tube.bottom < z < tube.top:
                 continue
             r = tube.radius * (0.5 + 0.5 * _profile(z, tube.top + 10, tube.bottom - 10))
@@ -404,20 +437,35 @@ class Anatomy:
             elif tube.content == "fluid":
                 cv.ellipse(u, vv, inner, inner, 18.0)
             elif tube.content == "stool":
+                # faeces: soft tissue mottled with many small gas bubbles
                 cv.ellipse(u, vv, inner, inner, -30.0)
-                for j in range(3):
-                    ang = tube.phase + 2.1 * j + 0.05 * z
-                    cv.ellipse(u + 0.5 * inner * math.cos(ang), vv + 0.5 * inner * math.sin(ang), 2.5, 2.5, _AIR)
+                for ang, rr, br in self.bubbles[k]:
+                    ang = ang + 0.05 * z
+                    cv.ellipse(u + rr * inner * math.cos(ang), vv + rr * inner * math.sin(ang), br, br, _AIR)
                 cv.ellipse(u, vv, inner, inner, _AIR, above=vv - 0.4 * inner)
+            elif tube.content == "collapsed":
+                cv.ellipse(u, vv, r, r, wall + 5.0)
             else:
                 cv.ellipse(u, vv, inner, inner, 18.0)
                 cv.ellipse(u, vv, inner, inner, _AIR, above=vv + 0.3 * inner)
-        # transverse colon, hanging anteriorly at L2
-        tc = _profile(z, v["L1"].bottom_z, v["L2"].bottom_z)
+        # transverse colon, hanging anteriorly from L2 down to L5 (colon_drop), with mottled stool, gas
+        # or fluid: its height is no landmark of a level
+        lum5 = self.lumbar[min(4, len(self.lumbar) - 1)]
+        drop = s.colon_drop * (v["L2"].bottom_z - lum5.bottom_z)
+        tc = _profile(z, v["L1"].bottom_z - drop, v["L2"].bottom_z - drop)
         if tc > 0.3:
             pts = np.array([[-0.6 * ac, -0.35 * bc], [-0.2 * ac, -0.72 * bc], [0.3 * ac, -0.7 * bc], [0.62 * ac, -0.3 * bc]])
             cv.polyline(pts, 16.0 * tc, wall)
-            cv.polyline(pts, 13.0 * tc, -20.0)
+            inner = 13.0 * tc
+            cv.polyline(pts, inner, {"stool": -20.0, "air": _AIR, "fluid": 15.0}[s.colon_content])
+            if s.colon_content == "stool":
+                seg = np.linspace(0.0, 1.0, 14)
+                for k, tk in enumerate(seg):
+                    i = min(int(tk * 3), 2)
+                    f_ = tk * 3 - i
+                    pu, pv = pts[i] * (1 - f_) + pts[i + 1] * f_
+                    ang = 2.4 * k + 0.07 * z
+                    cv.ellipse(pu + 0.5 * inner * math.cos(ang), pv + 0.5 * inner * math.sin(ang), 2.5, 2.5, _AIR)
         del s
 
     def _pelvis_soft(self, cv: Canvas, z: float, f: dict[str, float]) -> None:
@@ -440,7 +488,7 @@ class Anatomy:
     # --- bones -------------------------------------------------------------------------------------
 
     def _bone(self, cv: Canvas, u: float, v: float, a: float, b: float, shell: float = 1.6, angle: float = 0.0, marrow: float | None = None) -> None:
-        cv.ellipse(u, v, a, b, _CORTEX, angle=angle)
+        cv.ellipse(u, v, a, b, self.cortex, angle=angle)
         cv.ellipse(u, v, a - shell, b - shell, self.spec.bone_hu if marrow is None else marrow, angle=angle)
 
     def _spine(self, cv: Canvas, z: float, f: dict[str, float]) -> None:
@@ -516,9 +564,9 @@ class Anatomy:
             if -0.1 < t < 1.1:
                 back = cv_ + cr_y + 3.0
                 pts = np.array([[sx - cr_x - 6, cv_], [sx - cr_x * 0.6, back], [sx + cr_x * 0.6, back], [sx + cr_x + 6, cv_]])
-                cv.polyline(pts, 3.0, _CORTEX)
+                cv.polyline(pts, 3.0, self.cortex)
                 if vert.number <= 3:
-                    cv.ellipse(sx, back + 4.0, 3.0, 5.0, _CORTEX)
+                    cv.ellipse(sx, back + 4.0, 3.0, 5.0, self.cortex)
             return
         lumbar = kind == "lumbar"
         # pedicles
@@ -535,12 +583,12 @@ class Anatomy:
                     length, rad = 42.0, 9.0
                 for side in (-1.0, 1.0):
                     pts = np.array([[sx + side * (cr_x + 4), cv_], [sx + side * (cr_x + 4 + length), cv_ - 4.0]])
-                    cv.polyline(pts, rad, _CORTEX)
+                    cv.polyline(pts, rad, self.cortex)
                     cv.polyline(pts, rad - 1.6, bone)
             else:
                 for side in (-1.0, 1.0):
                     pts = np.array([[sx + side * (cr_x + 4), cv_], [sx + side * (cr_x + 26), cv_ + 12.0]])
-                    cv.polyline(pts, 4.5, _CORTEX)
+                    cv.polyline(pts, 4.5, self.cortex)
                     cv.polyline(pts, 2.8, bone)
         # facets: superior articular processes at the top, inferior ones at the bottom
         if -0.35 < t < 0.15 or 0.85 < t < 1.3:
@@ -552,20 +600,20 @@ class Anatomy:
         if 0.35 < t < 1.15:
             back = cv_ + cr_y + 4.0
             pts = np.array([[sx - cr_x - 4, cv_ + 2], [sx - 3, back], [sx + 3, back], [sx + cr_x + 4, cv_ + 2]])
-            cv.polyline(pts, 3.2, _CORTEX)
+            cv.polyline(pts, 3.2, self.cortex)
         # spinous process: lumbar straight back, thoracic long and sloping down (seen lower)
         if lumbar and 0.45 < t < 1.2:
             base = cv_ + cr_y + 4.0
             tip = min(base + 26.0 + 2 * vert.number, self._back_muscle - 6.0)
             pts = np.array([[sx, base], [sx, max(tip, base + 8.0)]])
-            cv.polyline(pts, 4.5, _CORTEX)
+            cv.polyline(pts, 4.5, self.cortex)
             cv.polyline(pts, 2.8, bone)
         elif not lumbar and 0.55 < t < 1.9:
             base = cv_ + cr_y + 4.0
             k = (t - 0.55) / 1.35
             reach = max(self._back_muscle - 6.0 - base, 12.0)
             pts = np.array([[sx, base + (reach - 8.0) * k], [sx, base + 8.0 + (reach - 8.0) * k]])
-            cv.polyline(pts, 4.0, _CORTEX)
+            cv.polyline(pts, 4.0, self.cortex)
 
     def _ribs(self, cv: Canvas, z: float, f: dict[str, float]) -> None:
         half = _RIB_BAND / 2.0
@@ -586,39 +634,19 @@ class Anatomy:
             if np.all(pos > cart):
                 cv.polyline(seg, 3.5, 130.0)
             else:
-                cv.polyline(seg, 3.5, _CORTEX - 100.0)
+                cv.polyline(seg, 3.5, self.cortex - 100.0)
                 if len(seg) > 1:
                     cv.polyline(seg, 1.6, self.spec.bone_hu + 60)
 
     def _pelvis_bone(self, cv: Canvas, z: float, f: dict[str, float]) -> None:
         s, v = self.spec, self.vert
-        ac, bc, sx, sy = f["ac"], f["bc"], f["sx"], f["sy"]
+        bc = f["bc"]
         fh = s.femoral_head_z
         R = self.fh_r
         fv = -0.08 * f["b"] + 10.0
         crest, roof = s.iliac_crest_z, self.acetabulum_roof
         if crest >= z > roof - 10:
-            u = _ramp(z, crest, roof)
-            sac = self._sacral_half_width(z)
-            for side in (-1.0, 1.0):
-                if sac > 0:
-                    p0 = (sx + side * (sac + 9.0), sy + 8.0)
-                else:
-                    p0 = (sx + side * (self._width(z) + 34.0), sy + 22.0)
-                p0 = (p0[0] * (1 - u) + side * (self.fh_x - 22) * u, p0[1] * (1 - u) + (fv + 28) * u)
-                p2 = (side * (0.84 * ac * (1 - u) + (self.fh_x + 4) * u), -0.12 * bc * (1 - u) + (fv - 14) * u)
-                mid = ((p0[0] + p2[0]) / 2, (p0[1] + p2[1]) / 2)
-                span = math.hypot(p2[0] - p0[0], p2[1] - p0[1])
-                ctrl = (mid[0] + side * 0.22 * span, mid[1] + 0.18 * span)
-                tt = np.linspace(0.0, 1.0, 9)[:, None]
-                pts = (1 - tt) ** 2 * np.array(p0) + 2 * (1 - tt) * tt * np.array(ctrl) + tt**2 * np.array(p2)
-                r_post = 7.0 if sac > 0 else 5.0
-                thick = 3.2 + (6.0 if u < 0.06 else 0.0) + 12.0 * max(0.0, u - 0.6) / 0.4
-                rad = np.linspace(r_post, thick, 8) + 2.0 * u
-                cv.polyline(pts + np.array([-side * 9.0, -4.0]), rad + 6.0 * (1 - u) + 2.0, self.hu("muscle"))  # iliacus
-                cv.polyline(pts, rad, _CORTEX - 50.0)
-                if np.all(rad > 3.0):
-                    cv.polyline(pts, rad - 2.2, s.bone_hu + 40)
+            self._ilium(cv, z, f)
         # femoral heads in the acetabula, necks and trochanters below
         for side in (-1.0, 1.0):
             hu = side * self.fh_x
@@ -630,14 +658,14 @@ class Anatomy:
                 if dz > R:
                     self._bone(cv, hu, fv, R + 6, R, shell=2.5)
                 elif rc > 4:
-                    cv.polyline(ring, 5.0, _CORTEX - 100)
+                    cv.polyline(ring, 5.0, self.cortex - 100)
             if abs(dz) < R:
                 rh = math.sqrt(R * R - dz * dz)
                 cv.ellipse(hu, fv, rh + 1.5, rh + 1.5, 60.0)
                 self._bone(cv, hu, fv, rh, rh, shell=2.0, marrow=s.bone_hu + 60)
             if fh > z > fh - 40:
                 pts = np.array([[hu, fv], [hu + side * 45.0, fv + 8.0]])
-                cv.polyline(pts, 13.0, _CORTEX)
+                cv.polyline(pts, 13.0, self.cortex)
                 cv.polyline(pts, 10.0, s.bone_hu)
             if fh + 5 > z > fh - 55:
                 self._bone(cv, hu + side * 52.0, fv + 10.0, 18.0, 20.0, shell=2.0)
@@ -645,13 +673,51 @@ class Anatomy:
                 self._bone(cv, hu + side * 42.0, fv + 5.0, 14.0, 14.0, shell=5.0, marrow=-40.0)
             if fh - 5 > z > fh - 30:
                 pts = np.array([[hu - side * 15.0, fv - 22.0], [side * 14.0, -0.78 * bc]])
-                cv.polyline(pts, 7.0, _CORTEX)
+                cv.polyline(pts, 7.0, self.cortex)
                 cv.polyline(pts, 4.5, s.bone_hu)
             if fh - 20 > z > fh - 50:
                 self._bone(cv, side * 9.0, -0.78 * bc, 8.0, 14.0, shell=2.0)
             if fh - 8 > z > fh - 65:
                 self._bone(cv, hu - side * 22.0, fv + 42.0, 11.0, 16.0, shell=2.5)
-        del v, sy
+        del v
+
+    def _ilium(self, cv: Canvas, z: float, f: dict[str, float]) -> None:
+        """Iliac wings: oblique plates from the sacroiliac joint (or, above the sacrum, beside the L5
+        transverse processes) to the anterior superior iliac spine, thick posteriorly, a thin blade in
+        the middle; the crest is a curved rim, so its first cuts are short bars in the middle of the
+        wing that lengthen caudally; towards the acetabulum the wing turns into the thick body of the ilium.
+        """
+        s = self.spec
+        ac, bc, sx, sy = f["ac"], f["bc"], f["sx"], f["sy"]
+        fv = -0.08 * f["b"] + 10.0
+        crest, roof = s.iliac_crest_z, self.acetabulum_roof
+        u = _ramp(z, crest, roof)
+        grow = _ramp(z, crest, crest - 28.0)  # 0 at the top of the crest, 1 where the whole wing is cut
+        sac = self._sacral_half_width(z)
+        r_blade = s.ilium_mm
+        r_post = 2.6 * r_blade
+        lo, hi = 0.55 - 0.55 * grow**0.7, 0.7 + 0.3 * grow**0.7
+        tt = np.linspace(lo, hi, 12)[:, None]
+        tm = (tt[:-1, 0] + tt[1:, 0]) / 2
+        rad = r_blade + (r_post - r_blade) * np.clip(1.0 - tm / 0.3, 0.0, 1.0) + 0.5 * r_blade * np.clip((tm - 0.85) / 0.15, 0.0, 1.0)
+        rad = rad * (1.0 + 0.4 * (1.0 - _ramp(z, crest, crest - 6.0)))  # the crest is a thickened rim
+        rad = rad + 12.0 * max(0.0, u - 0.6) / 0.4 + 2.0 * u
+        r0 = r_post * 1.4 + 2.0 * u + 12.0 * max(0.0, u - 0.6) / 0.4  # the posterior end at its thickest
+        for side in (-1.0, 1.0):
+            if sac > 0:  # beside the sacral ala, across a 2 mm sacroiliac joint space
+                p0 = (sx + side * (sac + 2.0 + r0), sy + 10.0)
+            else:
+                p0 = (sx + side * (self._width(z) + 34.0), sy + 28.0)
+                if z < self.vert["S1"].top_z:  # below the sacroiliac joints: to the greater sciatic notch
+                    p0 = (p0[0] * (1 - u) + side * (self.fh_x - 22) * u, p0[1] * (1 - u) + (fv + 28) * u)
+            p2 = (side * (0.82 * ac * (1 - u) + (self.fh_x + 4) * u), -0.28 * bc * (1 - u) + (fv - 14) * u)
+            mid = ((p0[0] + p2[0]) / 2, (p0[1] + p2[1]) / 2)
+            span = math.hypot(p2[0] - p0[0], p2[1] - p0[1])
+            ctrl = (mid[0] + side * 0.16 * span, mid[1] + 0.10 * span)
+            pts = (1 - tt) ** 2 * np.array(p0) + 2 * (1 - tt) * tt * np.array(ctrl) + tt**2 * np.array(p2)
+            cv.polyline(pts + np.array([-side * 9.0, -4.0]), rad + 6.0 * (1 - u) + 2.0, self.hu("muscle"))  # iliacus
+            cv.polyline(pts, rad, self.cortex - 50.0)
+            cv.polyline(pts, np.maximum(rad - 1.8, 0.3), s.bone_hu + 40)
 
     def _sacral_half_width(self, z: float) -> float:
         for vert in self.spec.vertebrae:

@@ -117,13 +117,15 @@ class Canvas:
         mask = inside.any(axis=2)
         np.copyto(self.img[j0:j1, i0:i1], np.float32(value), where=mask)
 
-    def body(self, a: float, b: float, layers: list[tuple[float, float]]) -> None:
+    def body(self, a: float, b: float, layers: list[tuple[float, float] | tuple[float, float, float]]) -> None:
         """Nested outlines of the body wall: an ellipse anteriorly, a flatter superellipse at the back.
 
         Args:
             a: Outer semi-axis along u (mm).
             b: Outer semi-axis along v (mm).
-            layers: (inset in mm, HU) from the outside in; each is the outline shrunk by ``inset``.
+            layers: (inset in mm, HU) from the outside in; each is the outline shrunk by ``inset``. A
+                third value ``v_max`` (mm) paints the layer only anterior of body-frame v = v_max (the
+                abdominal wall muscles, which do not go round the back).
         """
         ci, cj = self._to_px(np.float64(0.0), np.float64(0.0))
         box = self._box(float(ci), float(cj), max(a, b) / self.dx * 1.2 + 2)
@@ -137,7 +139,8 @@ class Canvas:
         u2, v2 = uu * uu, vv * vv
         back = (vv > 0).astype(np.float32)
         view = self.img[j0:j1, i0:i1]
-        for inset, value in layers:
+        for layer in layers:
+            inset, value = layer[0], layer[1]
             aa, bb = a - inset, b - inset
             if aa <= 1 or bb <= 1:
                 break
@@ -152,4 +155,7 @@ class Canvas:
             x2 *= back
             x2 *= 0.5
             r += x2
-            np.copyto(view, np.float32(value), where=r <= 1.0)
+            where = r <= 1.0
+            if len(layer) > 2:
+                where &= vv <= np.float32(layer[2])
+            np.copyto(view, np.float32(value), where=where)

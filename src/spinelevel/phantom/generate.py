@@ -82,8 +82,13 @@ def _series_rng(spec: StudySpec, series: SeriesSpec) -> np.random.Generator:
 def _iter_series(spec: StudySpec, series: SeriesSpec, anatomy: Anatomy, noisy: bool = True) -> Iterator[np.ndarray]:
     rng = _series_rng(spec, series)
     bank = noise_bank(rng, spec.size) if noisy and series.noise_sigma > 0 else None
+    # partial volume: a slice of thickness t averages the anatomy over t, not one plane (a rib,
+    # a transverse process or the iliac crest fades in over the slices that cut its edge)
+    offsets = (0.0,) if series.thickness < 1.5 else (-series.thickness / 3.0, 0.0, series.thickness / 3.0)
     for z in series.z:
         img = anatomy.render(float(z))
+        if len(offsets) > 1:
+            img = (img + anatomy.render(float(z) + offsets[0]) + anatomy.render(float(z) + offsets[2])) / np.float32(3.0)
         if noisy:
             img = add_noise(img, bank if bank is not None else np.zeros((1, spec.size, spec.size), np.float32), rng, series.noise_sigma)
         yield img

@@ -143,6 +143,15 @@ class StudySpec:
     bits_stored: int  # 12 or 16
     padding: bool  # pixels outside the reconstruction circle hold PixelPaddingValue
     anatomy_seed: int  # seed of the procedural details (bowel loops, vessels)
+    wall_back: float  # abdominal wall muscle (rectus, obliques) reaches back to v = wall_back * b (-1..1)
+    cortex_hu: float  # cortical bone HU (partial volume of a thin shell varies with scanner and patient)
+    ilium_mm: float  # iliac blade half-thickness (mm); the posterior ilium is about 2.5x thicker
+    bowel_loops: int  # extra small-bowel loops (besides the 55 of every study)
+    bowel_gas: float  # chance that a loop holds gas; the colon's stool is mottled with gas bubbles
+    table_curved: bool  # curved (cradle) table top instead of a flat one
+    real_seed: int  # seed of the realism details (extra loops, stool bubbles)
+    colon_drop: float  # how far the transverse colon hangs: 0 at L2, 1 at L5 (it sags into the pelvis in many adults)
+    colon_content: str  # transverse colon content: 'stool', 'air' or 'fluid'
     series: tuple[SeriesSpec, ...]  # axial CT series
     localizer_images: int  # 0 (none) to 3 localizer images
     localizer_series_uid: str  # SeriesInstanceUID of the localizer series
@@ -282,11 +291,14 @@ def plan_study(options: PhantomOptions, index: int) -> StudySpec:
         The complete plan of the study.
     """
     seq = np.random.SeedSequence([options.seed & 0xFFFFFFFF, options.seed >> 32 & 0xFFFFFFFF, index, 20240603])
-    anatomy_seq, scan_seq, extras_seq, names_seq = seq.spawn(4)
+    # spawn(5) gives the same first four children as spawn(4): the fifth (realism details added for
+    # real CT) leaves every earlier draw of a seed as it was
+    anatomy_seq, scan_seq, extras_seq, names_seq, real_seq = seq.spawn(5)
     rng = np.random.default_rng(anatomy_seq)
     scan = np.random.default_rng(scan_seq)
     extras = np.random.default_rng(extras_seq)
     names = np.random.default_rng(names_seq)
+    real = np.random.default_rng(real_seq)
     key = (options.seed, index)
 
     if options.variant == "random":
@@ -299,7 +311,12 @@ def plan_study(options: PhantomOptions, index: int) -> StudySpec:
     half_width = float(rng.uniform(125.0, 185.0))
     fat_mm = float(np.clip(rng.gamma(3.0, 6.0) + 4.0 + (half_width - 125.0) * 0.35, 4.0, 75.0))
     half_depth = float(half_width * rng.uniform(0.6, 0.8) + 0.25 * fat_mm)
-    iliac_crest = [s for s in spine if s.kind == "lumbar"][-1].top_z + float(rng.uniform(-6.0, 8.0))
+    # The intercristal line lies at the L4 body or the L4/L5 disc in most adults, at L5 in some: the
+    # crest is drawn between the middle of L4 and the upper third of L5 (one uniform draw, as before).
+    lum = [s for s in spine if s.kind == "lumbar"]
+    crest_hi = lum[-2].bottom_z + 0.5 * lum[-2].height
+    crest_lo = lum[-1].top_z - 0.3 * lum[-1].height
+    iliac_crest = crest_lo + float(rng.uniform(0.0, 1.0)) * (crest_hi - crest_lo)
     femoral_head = spine[-1].bottom_z + float(rng.uniform(-12.0, 8.0))
 
     coverage = options.coverage if options.coverage != "random" else _weighted(scan, COVERAGES, _COVERAGE_WEIGHTS)
@@ -402,6 +419,15 @@ def plan_study(options: PhantomOptions, index: int) -> StudySpec:
         bits_stored=bits_stored,
         padding=bool(scan.random() < options.padding_probability),
         anatomy_seed=int(rng.integers(0, 2**31)),
+        wall_back=float(real.uniform(-0.1, 0.45)),
+        cortex_hu=float(real.uniform(500.0, 900.0)),
+        ilium_mm=float(real.uniform(2.2, 3.6)),
+        bowel_loops=int(real.integers(0, 60)),
+        bowel_gas=float(real.uniform(0.05, 0.5)),
+        table_curved=bool(real.random() < 0.5),
+        real_seed=int(real.integers(0, 2**31)),
+        colon_drop=float(real.uniform(0.0, 1.0) ** 1.5),
+        colon_content=str(real.choice(("stool", "stool", "air", "fluid"))),
         series=tuple(series),
         localizer_images=localizer_images,
         localizer_series_uid=_uid("localizer", *key),

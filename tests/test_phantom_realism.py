@@ -1,0 +1,156 @@
+"""Tests of the phantom details added to bring phantoms closer to real CT (issue 14).
+
+Each test checks that a feature exists where it should and not where it should not, so that it fails
+if the feature is lost or misplaced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from spinelevel.phantom import Anatomy, PhantomOptions, plan_study
+from spinelevel.phantom.canvas import Canvas
+
+
+def _spec(seed: int = 3, index: int = 0, **changes):
+    spec = plan_study(PhantomOptions(size=256, seed=seed, coverage="abdomen_pelvis", variant="none"), index)
+    return dataclasses.replace(spec, rotation_deg=0.0, scoliosis_mm=0.0, **changes)
+
+
+def _pixel(spec, anatomy: Anatomy, z: float, u: float, v: float) -> tuple[int, int]:
+    """Row and column of body-frame point (u, v) of the slice at z."""
+    f = anatomy.frame(z)
+    cx, cy, _ = anatomy._origin(f)
+    x0, y0 = spec.origin
+    return int(round((cy + v - y0) / spec.pixel_spacing)), int(round((cx + u - x0) / spec.pixel_spacing))
+
+
+def test_iliac_crest_lies_between_mid_l4_and_upper_l5() -> None:
+    specs = [plan_study(PhantomOptions(studies=80, seed=5), i) for i in range(80)]
+    rel = []
+    for s in specs:
+        lum = [v for v in s.vertebrae if v.kind == "lumbar"]
+        l4, l5 = lum[-2], lum[-1]
+        assert l5.top_z - 0.3 * l5.height - 1e-6 <= s.iliac_crest_z <= l4.bottom_z + 0.5 * l4.height + 1e-6
+        rel.append(s.iliac_crest_z > l4.bottom_z)
+    # both kinds of patient occur: crest at the L4 body, crest at the disc or L5
+    assert 0.2 < np.mean(rel) < 0.8
+
+
+def test_ilium_only_below_the_crest() -> None:
+    spec = _spec()
+    anatomy = Anatomy(spec)
+    crest = spec.iliac_crest_z
+
+    def lateral_bone(z: float) -> int:
+        img = anatomy.render(z)
+        f = anatomy.frame(z)
+        r, c = _pixel(spec, anatomy, z, 0.0, 0.0)
+        half = int(0.45 * f["ac"] / spec.pixel_spacing)
+        lateral = np.concatenate([img[:, : max(c - half, 0)], img[:, c + half :]], axis=1)
+        table = int((spec.table_y - spec.origin[1]) / spec.pixel_spacing)
+        return int((lateral[: max(table - 2, 0)] > 300).sum())
+
+    assert lateral_bone(crest + 4.0) == 0
+    near, below = lateral_bone(crest - 3.0), lateral_bone(crest - 25.0)
+    assert 0 < near < below  # the crest's first cuts are short, the wing lengthens caudally
+
+
+def test_sacroiliac_joint_space_between_sacrum_and_ilium() -> None:
+    spec = _spec()
+    anatomy = Anatomy(spec)
+    s1 = spec.vertebra("S1")
+    z = s1.bottom_z + 0.4 * s1.height
+    if not (spec.iliac_crest_z > z > anatomy.acetabulum_roof):
+        pytest.skip("no wing at S1 in this draw")
+    img = anatomy.render(z)
+    f = anatomy.frame(z)
+    sac = anatomy._sacral_half_width(z)
+    for side in (-1.0, 1.0):
+        joint = img[_pixel(spec, anatomy, z, side * (sac + 1.0), f["sy"] + 10.0)]
+        ilium = img[_pixel(spec, anatomy, z, side * (sac + 2.0 + 2.6 * spec.ilium_mm * 1.4), f["sy"] + 10.0)]
+        assert joint < 150.0 < ilium
+
+
+def test_wall_muscle_does_not_wrap_round_the_back_below_the_chest() -> None:
+    spec = _spec(wall_back=0.0)
+    ring = dataclasses.replace(spec, wall_back=1.5)
+    a, b = Anatomy(spec), Anatomy(ring)
+    l3 = spec.vertebra("L3")
+    z = (l3.top_z + l3.bottom_z) / 2
+    diff = np.abs(a.render(z) - b.render(z)) > 1.0
+    assert diff.sum() > 50
+    rows = np.nonzero(diff.any(axis=1))[0]
+    r0, _ = _pixel(spec, a, z, 0.0, 0.0)
+    assert rows.min() >= r0 - 1  # only posterior of the body centre (v > 0)
+    # in the chest the wall is a full ring whatever wall_back says
+    t6 = spec.vertebra("T6")
+    zc = (t6.top_z + t6.bottom_z) / 2
+    assert np.array_equal(a.render(zc), b.render(zc))
+
+
+def test_cortex_hu_is_the_bone_maximum() -> None:
+    for hu in (520.0, 880.0):
+        spec = _spec(cortex_hu=hu)
+        l3 = spec.vertebra("L3")
+        img = Anatomy(spec).render((l3.top_z + l3.bottom_z) / 2)
+        assert img.max() == pytest.approx(hu)
+
+
+def test_curved_table_rises_at_the_sides() -> None:
+    def table_top(curved: bool, dx: float) -> float:
+        spec = _spec(table_curved=curved)
+        cv = Canvas(spec.size, spec.origin, spec.pixel_spacing)
+        Anatomy(spec)._table(cv)
+        col = int(round((spec.body_x + dx - spec.origin[0]) / spec.pixel_spacing))
+        rows = np.nonzero(cv.img[:, col] > 100.0)[0]
+        return float(spec.origin[1] + rows.min() * spec.pixel_spacing)
+
+    assert table_top(False, 0.0) == pytest.approx(table_top(False, 120.0), abs=1.5)
+    assert table_top(True, 0.0) - table_top(True, 120.0) > 7.0
+
+
+def test_realism_draws_leave_earlier_draws_alone() -> None:
+    # the realism parameters have their own random stream: the spine and body of a seed do not move
+    spec = plan_study(PhantomOptions(seed=1300, studies=3), 2)
+    assert len(spec.vertebrae) >= 23
+    assert {spec.bowel_loops >= 0, 500.0 <= spec.cortex_hu <= 900.0, -0.1 <= spec.wall_back <= 0.45} == {True}
+    again = plan_study(PhantomOptions(seed=1300, studies=3), 2)
+    assert again.real_seed == spec.real_seed and again.vertebrae == spec.vertebrae
+
+
+def test_thick_slices_average_over_their_thickness() -> None:
+    from spinelevel.phantom import render_series
+
+    for thickness, n in ((5.0, 3), (1.0, 1)):
+        spec = plan_study(PhantomOptions(size=64, seed=4, coverage="lumbar", variant="none", thickness_mm=thickness,
+                                         second_recon_probability=0.0), 0)
+        vol = render_series(spec, noise=False)
+        anatomy = Anatomy(spec)
+        k = len(spec.series[0].z) // 2
+        z = float(spec.series[0].z[k])
+        offsets = (0.0,) if n == 1 else (0.0, -thickness / 3.0, thickness / 3.0)
+        expected = sum(anatomy.render(z + o) for o in offsets) / np.float32(len(offsets))
+        np.testing.assert_allclose(vol[k], expected, atol=1e-3)
+        if n > 1:
+            assert not np.allclose(vol[k], anatomy.render(z), atol=1.0)
+
+
+def test_transverse_colon_hangs_at_colon_drop() -> None:
+    # the transverse colon is a wide anterior band: at L2 when colon_drop is 0, near L4-L5 when it is 1
+    def anterior_band(spec, name: str) -> int:
+        anatomy = Anatomy(spec)
+        vert = spec.vertebra(name)
+        z = (vert.top_z + vert.bottom_z) / 2
+        a = anatomy.render(z)
+        b = Anatomy(dataclasses.replace(spec, colon_content="fluid")).render(z)
+        return int((np.abs(a - b) > 1.0).sum())  # pixels that change with the colon's content
+
+    high = _spec(colon_drop=0.0, colon_content="air", bowel_loops=0)
+    low = dataclasses.replace(high, colon_drop=1.0)
+    l2_high, l2_low = anterior_band(high, "L2"), anterior_band(low, "L2")
+    assert l2_high > 200 and l2_low == 0
+    assert anterior_band(low, "L4") + anterior_band(low, "L5") > 200
