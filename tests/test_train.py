@@ -69,11 +69,13 @@ def _loss(model, x: torch.Tensor, y: torch.Tensor) -> float:
         return float(torch.nn.functional.cross_entropy(model(x), y))
 
 
-def test_one_epoch_on_phantom_lowers_the_loss(phantom: Path, tmp_path: Path) -> None:
+def test_training_on_phantom_lowers_the_loss(phantom: Path, tmp_path: Path) -> None:
     from spinelevel.engine.preprocess import PreprocessSpec, preprocess_batch
     from spinelevel.training.data import HUCache
 
-    config = TrainConfig(out=tmp_path / "run", arch=TINY, input_size=32, epochs=1, batch_size=4, lr=3e-3, val_fraction=0.0,
+    # 5 epochs at 1e-3: on the more realistic phantoms (issue 14) one epoch at 3e-3 of this tiny model
+    # on 42 slices moved the loss by 5 % one way or the other (2.76 -> 2.61 or 3.05); this drops it 34 %
+    config = TrainConfig(out=tmp_path / "run", arch=TINY, input_size=32, epochs=5, batch_size=4, lr=1e-3, val_fraction=0.0,
                          augment=AugmentSpec(enabled=False), use_cache=False, threads=2)
     data = collect_slices([phantom])
     items = data.items
