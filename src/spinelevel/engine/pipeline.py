@@ -782,16 +782,34 @@ def run(paths: list[Path], model: Path, out: Path, options: RunOptions = RunOpti
     choice = choose_backend(model, options.backend)
     model = Path(choice.model)
     card: ModelCard = read_card(model)
-    backend_options = BackendOptions(max_batch=options.batch_size, threads=options.threads, device=options.device, cuda_graphs=options.cuda_graphs, compile=options.compile, spinning=ort_spinning(options))
-    backend = load_backend(choice.name, model, card, backend_options)
-    model_sha = file_sha256(model)
-    mode = resolve_mode(options.sampling.mode, gpu_backend=_on_gpu(backend))
-    out = output_dir(out)
-    with OutputLock(out):
+    # the workers start (and import their decoders) while the inference runtime loads the model
+    pool = decode_pool(options, PreprocessSpec.from_card(card))
+    try:
+        pool.start()
+        backend_options = BackendOptions(max_batch=options.batch_size, threads=options.threads, device=options.device, cuda_graphs=options.cuda_graphs, compile=options.compile, spinning=ort_spinning(options))
+        backend = load_backend(choice.name, model, card, backend_options)
         try:
-            return _run_locked(paths, model, out, options, progress, card, backend, choice, model_sha, mode, run_id, started, started_at)
+            model_sha = file_sha256(model)
+            mode = resolve_mode(options.sampling.mode, gpu_backend=_on_gpu(backend))
+            out = output_dir(out)
+            with OutputLock(out):
+                return _run_locked(paths, model, out, options, progress, card, backend, choice, model_sha, mode, run_id, started, started_at, pool)
         finally:
             backend.close()
+    finally:
+        pool.close()
+
+
+def decode_pool(options: RunOptions, spec: PreprocessSpec) -> DecodePool:
+    """The run's decode pool, not started; with the shared-memory hand-off of the process pool
+    (DESIGN.md 2): a slab per task of chunk_slices rows."""
+    return DecodePool(
+        options.workers,
+        kind=options.worker_kind,
+        slab_spec=spec if options.preprocess == "numpy" else None,
+        slab_rows=max(1, options.chunk_slices),
+        held_slabs=options.batch_size // max(1, options.chunk_slices) + 2,
+    )
 
 
 def ort_spinning(options: RunOptions) -> bool | None:
@@ -830,7 +848,7 @@ def _on_gpu(backend: Backend) -> bool:
     return device is not None and "cuda" in str(device)
 
 
-def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, progress: RunProgress, card: ModelCard, backend: Backend, choice, model_sha: str, mode: str, run_id: str, started: float, started_at: str) -> RunSummary:  # noqa: ANN001
+def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, progress: RunProgress, card: ModelCard, backend: Backend, choice, model_sha: str, mode: str, run_id: str, started: float, started_at: str, pool: DecodePool) -> RunSummary:  # noqa: ANN001
     state = load_state(out)
     writer = RunWriter(state, card.classes, run_id, model_sha, choice.name, rows_per_part=options.rows_per_part, keep_tags=options.scan.keep_tags)
     if options.force:
@@ -847,17 +865,8 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
     records_before = thirdparty_log.record_count()
     scan_records = 0
     spec = PreprocessSpec.from_card(card)
-    # shared-memory hand-off of the process pool (DESIGN.md 2): a slab per task of chunk_slices rows
-    pool = DecodePool(
-        options.workers,
-        kind=options.worker_kind,
-        slab_spec=spec if options.preprocess == "numpy" else None,
-        slab_rows=max(1, options.chunk_slices),
-        held_slabs=options.batch_size // max(1, options.chunk_slices) + 2,
-    )
     try:
-        pool.start()  # workers import their decoders while the main process walks the inputs
-        # the workers read the headers too: the scan runs as parallel as decoding
+        # the pool's workers read the headers too: the scan runs as parallel as decoding
         selection, seen, scan_records = scan_and_select(paths, options, progress, pool)
         plans, plan_keys, already_done = start_series(state, writer, selection, seen, model_sha, run_id)
         progress.planned(len(plans), sum(len(p.slices) for p in plans))
