@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spinelevel.card import CARD_METADATA_KEY, ModelCard, file_sha256, read_card
+from spinelevel.card import ModelCard, file_sha256, read_card, write_onnx_card
 from spinelevel.errors import InputError, ModelError
 
 __all__ = ["QuantizeOptions", "QuantizeResult", "calibration_inputs", "quantize_model", "count_qdq_nodes"]
@@ -217,16 +217,7 @@ def quantize_model(model: Path, calibration: Sequence[Path], out: Path, options:
                 "calibration_data": [Path(c).name for c in calibration],
             },
         )
-        proto = onnx.load(str(raw))
-        kept = [p for p in proto.metadata_props if p.key != CARD_METADATA_KEY]
-        del proto.metadata_props[:]
-        proto.metadata_props.extend(kept)
-        entry = proto.metadata_props.add()
-        entry.key = CARD_METADATA_KEY
-        entry.value = final.to_json()
-        tmp_out = out.with_name(f".{out.name}.tmp")
-        onnx.save(proto, str(tmp_out))
-        tmp_out.replace(out)
+        write_onnx_card(raw, final, out)
     p_int8 = _run(out, x, card.output)
     p_fp32 = _run(model, x, card.output)
     agreement = float(np.mean(p_int8.argmax(1) == p_fp32.argmax(1)))

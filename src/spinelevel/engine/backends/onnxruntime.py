@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import numpy as np
 from spinelevel.card import ModelCard
 from spinelevel.errors import ModelError
 
-__all__ = ["REQUIRES", "is_available", "load", "OnnxRuntimeBackend", "softmax"]
+__all__ = ["REQUIRES", "is_available", "load", "OnnxRuntimeBackend", "infer_in_chunks", "softmax"]
 
 log = logging.getLogger(__name__)
 
@@ -75,35 +76,44 @@ class OnnxRuntimeBackend:
         self._input = inp.name
         self._input_dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
         self._output = outputs[0].name
-        self._classes = len(card.classes)
         log.debug("onnxruntime session: input %s %s, output %s, batch %s", inp.name, shape, self._output, self.max_batch)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """(n, C, H, W) -> (n, classes) float32 probabilities."""
-        batch = np.asarray(batch)
-        n = batch.shape[0]
-        out = np.empty((n, self._classes), dtype=np.float32)
-        for start in range(0, n, self.max_batch):
-            part = batch[start : start + self.max_batch]
-            m = part.shape[0]
-            if self._fixed_batch and m < self._fixed_batch:
-                pad = np.zeros((self._fixed_batch - m,) + part.shape[1:], dtype=part.dtype)
-                part = np.concatenate([part, pad])
-            feed = np.ascontiguousarray(part, dtype=self._input_dtype)
-            result = np.asarray(self._session.run([self._output], {self._input: feed})[0])
-            result = result.reshape(result.shape[0], -1)[:m]
-            if result.shape[1] != self._classes:
-                raise ModelError(
-                    f"model output has {result.shape[1]} values per slice but the card lists "
-                    f"{self._classes} classes ({', '.join(self.card.classes)})"
-                )
-            result = result.astype(np.float32)
-            out[start : start + m] = softmax(result) if self.card.output == "logits" else result
-        return out
+        return infer_in_chunks(batch, self.max_batch, self._fixed_batch, self.card, self._input_dtype, lambda feed: self._session.run([self._output], {self._input: feed})[0])
 
     def close(self) -> None:
         """Drop the session."""
         self._session = None
+
+
+def infer_in_chunks(batch: np.ndarray, max_batch: int, fixed_batch: int | None, card: ModelCard, dtype: type, run: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """(n, C, H, W) -> (n, classes) float32 probabilities, ``run`` called on chunks of ``max_batch``.
+
+    A model with a fixed batch gets its last chunk padded with zeros (the padding rows dropped); the
+    output must have one value per card class; logits go through softmax. Shared by the CPU runtimes
+    (ONNX Runtime, OpenVINO), which differ only in ``run``.
+    """
+    batch = np.asarray(batch)
+    n = batch.shape[0]
+    classes = len(card.classes)
+    out = np.empty((n, classes), dtype=np.float32)
+    for start in range(0, n, max_batch):
+        part = batch[start : start + max_batch]
+        m = part.shape[0]
+        if fixed_batch and m < fixed_batch:
+            pad = np.zeros((fixed_batch - m,) + part.shape[1:], dtype=part.dtype)
+            part = np.concatenate([part, pad])
+        result = np.asarray(run(np.ascontiguousarray(part, dtype=dtype)))
+        result = result.reshape(result.shape[0], -1)[:m]
+        if result.shape[1] != classes:
+            raise ModelError(
+                f"model output has {result.shape[1]} values per slice but the card lists "
+                f"{classes} classes ({', '.join(card.classes)})"
+            )
+        result = result.astype(np.float32)
+        out[start : start + m] = softmax(result) if card.output == "logits" else result
+    return out
 
 
 def _one_line(exc: BaseException) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from spinelevel.card import ModelCard
+from spinelevel.engine.backends.onnxruntime import _one_line
 from spinelevel.errors import ModelError
 
 __all__ = ["REQUIRES", "is_available", "load", "OpenVinoBackend"]
@@ -73,41 +74,18 @@ class OpenVinoBackend:
         except Exception as exc:  # noqa: BLE001
             raise ModelError(f"{model}: OpenVINO cannot compile the model for the CPU ({_one_line(exc)})") from None
         self._request = self._compiled.create_infer_request()
-        self._classes = len(card.classes)
         log.debug("openvino %s: input %s, batch %s, config %s", ov.__version__, shape, self.max_batch, config)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """(n, C, H, W) -> (n, classes) float32 probabilities."""
-        from spinelevel.engine.backends.onnxruntime import softmax
+        from spinelevel.engine.backends.onnxruntime import infer_in_chunks
 
-        batch = np.asarray(batch)
-        n = batch.shape[0]
-        out = np.empty((n, self._classes), dtype=np.float32)
-        for start in range(0, n, self.max_batch):
-            part = batch[start : start + self.max_batch]
-            m = part.shape[0]
-            if self._fixed_batch and m < self._fixed_batch:
-                part = np.concatenate([part, np.zeros((self._fixed_batch - m,) + part.shape[1:], dtype=part.dtype)])
-            feed = np.ascontiguousarray(part, dtype=np.float32)
-            result = np.asarray(self._request.infer({0: feed})[0])
-            result = result.reshape(result.shape[0], -1)[:m]
-            if result.shape[1] != self._classes:
-                raise ModelError(
-                    f"model output has {result.shape[1]} values per slice but the card lists "
-                    f"{self._classes} classes ({', '.join(self.card.classes)})"
-                )
-            result = result.astype(np.float32)
-            out[start : start + m] = softmax(result) if self.card.output == "logits" else result
-        return out
+        return infer_in_chunks(batch, self.max_batch, self._fixed_batch, self.card, np.float32, lambda feed: self._request.infer({0: feed})[0])
 
     def close(self) -> None:
         """Drop the compiled model."""
         self._request = None
         self._compiled = None
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300]
 
 
 def load(model: Path, card: ModelCard, options: Any) -> OpenVinoBackend:
