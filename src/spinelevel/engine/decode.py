@@ -208,13 +208,26 @@ def decode_stored(ds, frame: int | None = None, j2k=None) -> StoredSlice:  # noq
         else:
             slope_value = ds.get("RescaleSlope", None)
             intercept_value = ds.get("RescaleIntercept", None)
+    except (TypeError, ValueError):
+        raise DecodeError("RescaleSlope or RescaleIntercept is not numeric") from None
+    slope, intercept = rescale_values(slope_value, intercept_value)
+    return StoredSlice(raw, slope, intercept, padding_mask(raw, padding_range(ds, raw.dtype.kind == "i")))
+
+
+def rescale_values(slope_value, intercept_value) -> tuple[float, float]:  # noqa: ANN001 - element values
+    """(slope, intercept) from RescaleSlope and RescaleIntercept values (absent or empty: 1 and 0).
+
+    Raises:
+        DecodeError: not numeric, a zero slope, or not finite.
+    """
+    try:
         slope = 1.0 if slope_value in (None, "") else float(slope_value)
         intercept = 0.0 if intercept_value in (None, "") else float(intercept_value)
     except (TypeError, ValueError):
         raise DecodeError("RescaleSlope or RescaleIntercept is not numeric") from None
     if slope == 0.0 or not math.isfinite(slope) or not math.isfinite(intercept):
         raise DecodeError(f"unusable rescale: RescaleSlope={slope:g}, RescaleIntercept={intercept:g}")
-    return StoredSlice(raw, slope, intercept, _padding_mask(ds, raw))
+    return slope, intercept
 
 
 def _is_j2k(tsyntax: str) -> bool:
@@ -259,8 +272,9 @@ def outside_fov(raw: np.ndarray, slope: float, intercept: float) -> np.ndarray:
     return hu < np.float32(BELOW_AIR_HU)
 
 
-def _padding_mask(ds, raw: np.ndarray) -> np.ndarray | None:  # noqa: ANN001
-    """Pixels equal to PixelPaddingValue (or within its range limit), in stored values."""
+def padding_range(ds, signed: bool) -> tuple[int, int] | None:  # noqa: ANN001 - pydicom Dataset
+    """(low, high) stored values marked by PixelPaddingValue (and PixelPaddingRangeLimit); None
+    when there is no usable padding value (a malformed one is ignored)."""
     if "PixelPaddingValue" not in ds:
         return None
     try:
@@ -269,11 +283,18 @@ def _padding_mask(ds, raw: np.ndarray) -> np.ndarray | None:  # noqa: ANN001
     except (TypeError, ValueError):
         return None
     # The tag is US or SS by the pixel representation; an unsigned read of a signed value wraps.
-    if raw.dtype.kind == "i":
+    if signed:
         bits = int(ds.get("BitsAllocated", 16) or 16)
         pad = pad - (1 << bits) if pad >= (1 << (bits - 1)) else pad
         limit = limit - (1 << bits) if limit >= (1 << (bits - 1)) else limit
-    lo, hi = min(pad, limit), max(pad, limit)
+    return min(pad, limit), max(pad, limit)
+
+
+def padding_mask(raw: np.ndarray, padding: tuple[int, int] | None) -> np.ndarray | None:
+    """Pixels of ``raw`` inside the padding range, or None when there are none."""
+    if padding is None:
+        return None
+    lo, hi = padding
     mask = (raw >= lo) & (raw <= hi)
     return mask if mask.any() else None
 

@@ -22,7 +22,6 @@ __all__ = ["dataset_from_json"]
 
 # VRs whose element header has a 4-byte length (and 2 reserved bytes) in explicit VR encoding.
 _LONG = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
-_TEXT = {"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC", "UR", "UT"}
 _NUMBERS = {"US": "<H", "SS": "<h", "UL": "<I", "SL": "<i", "FL": "<f", "FD": "<d", "UV": "<Q", "SV": "<q"}
 _BINARY = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 _UTF8 = b"ISO_IR 192"

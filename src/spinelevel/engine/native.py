@@ -16,14 +16,14 @@ the caller decodes the file the full way, which reports what changed.
 
 from __future__ import annotations
 
-import math
 import struct
 from dataclasses import dataclass
 
 import numpy as np
 
-from spinelevel.engine.decode import StoredSlice
+from spinelevel.engine.decode import StoredSlice, padding_mask, padding_range, rescale_values
 from spinelevel.engine.sources import Source, read_source
+from spinelevel.errors import DecodeError
 
 __all__ = ["NativePixels", "native_layout", "read_native"]
 
@@ -55,34 +55,6 @@ class NativePixels:
         return 2 * self.rows * self.columns
 
 
-def _rescale(ds) -> tuple[float, float] | None:  # noqa: ANN001 - pydicom Dataset
-    """(slope, intercept) as decode.decode_stored reads them, or None where it would raise."""
-    try:
-        slope_value, intercept_value = ds.get("RescaleSlope", None), ds.get("RescaleIntercept", None)
-        slope = 1.0 if slope_value in (None, "") else float(slope_value)
-        intercept = 0.0 if intercept_value in (None, "") else float(intercept_value)
-    except (TypeError, ValueError):
-        return None
-    if slope == 0.0 or not math.isfinite(slope) or not math.isfinite(intercept):
-        return None
-    return slope, intercept
-
-
-def _padding(ds, signed: bool) -> tuple[int, int] | None | bool:  # noqa: ANN001
-    """The padding range in stored values as decode._padding_mask computes it; False: unusable."""
-    if "PixelPaddingValue" not in ds:
-        return None
-    try:
-        pad = int(ds.PixelPaddingValue)
-        limit = int(ds.PixelPaddingRangeLimit) if "PixelPaddingRangeLimit" in ds else pad
-    except (TypeError, ValueError):
-        return False  # decode ignores such a padding value; keep the full path for the odd file
-    if signed:  # the tag is US or SS by the pixel representation; an unsigned read wraps
-        pad = pad - (1 << 16) if pad >= (1 << 15) else pad
-        limit = limit - (1 << 16) if limit >= (1 << 15) else limit
-    return min(pad, limit), max(pad, limit)
-
-
 def native_layout(ds, tsyntax: str, element_header: bytes, offset: int) -> NativePixels | None:  # noqa: ANN001
     """The native layout of a scanned single-frame file, or None when the full decode path is needed.
 
@@ -112,11 +84,11 @@ def native_layout(ds, tsyntax: str, element_header: bytes, offset: int) -> Nativ
         return None
     if rows <= 0 or columns <= 0 or representation not in (0, 1) or length != 2 * rows * columns:
         return None
-    rescale = _rescale(ds)
-    padding = _padding(ds, representation == 1)
-    if rescale is None or padding is False:
+    try:
+        slope, intercept = rescale_values(ds.get("RescaleSlope", None), ds.get("RescaleIntercept", None))
+    except DecodeError:  # the full decode path names the problem
         return None
-    return NativePixels(offset + header_bytes, header_bytes, rows, columns, representation == 1, rescale[0], rescale[1], padding)  # type: ignore[arg-type]
+    return NativePixels(offset + header_bytes, header_bytes, rows, columns, representation == 1, slope, intercept, padding_range(ds, representation == 1))
 
 
 def _holds_uid(data: bytes, uid: bytes, end: int) -> bool:
@@ -144,10 +116,4 @@ def read_native(src: Source, native: NativePixels, sop_uid: str, max_bytes: int)
         return None
     raw = np.frombuffer(data, dtype="<i2" if native.signed else "<u2", count=native.rows * native.columns, offset=native.offset)
     raw = raw.reshape(native.rows, native.columns)
-    mask = None
-    if native.padding is not None:
-        lo, hi = native.padding
-        mask = (raw >= lo) & (raw <= hi)
-        if not mask.any():
-            mask = None
-    return StoredSlice(raw, native.slope, native.intercept, mask)
+    return StoredSlice(raw, native.slope, native.intercept, padding_mask(raw, native.padding))

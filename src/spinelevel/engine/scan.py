@@ -138,7 +138,7 @@ def scan_paths(paths: Iterable[Path | str], options: ScanOptions = ScanOptions()
         if not os.path.lexists(path):
             raise InputError(f"{path}: no such file or directory")
         roots.append(path)
-    batches = _batches(roots, options)
+    batches = _batches(roots)
     results = read_batches(batches) if read_batches is not None else (scan_batch(b, options) for b in batches)
     for items in results:
         yield from items
@@ -148,7 +148,7 @@ def scan_paths(paths: Iterable[Path | str], options: ScanOptions = ScanOptions()
 BATCH_FILES = 32
 
 
-def _batches(roots: list[Path], options: ScanOptions) -> Iterator[list]:
+def _batches(roots: list[Path]) -> Iterator[list]:
     """The walk as batches of entries: a file path (str) to read, or a SkippedFile found by the walk."""
     batch: list = []
     for root in roots:
