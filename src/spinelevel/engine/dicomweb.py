@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import io
-import itertools
 import logging
 import os
 import re
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -55,6 +54,7 @@ __all__ = [
     "instance_source",
     "retrieve_dataset",
     "prefetch_series",
+    "discard_spooled",
     "read_instance",
     "store_instances",
 ]
@@ -102,12 +102,14 @@ class DicomwebConnection:
     backoff_s: float = 0.5
     # Most seconds spent waiting between the tries of one request.
     max_retry_s: float = 60.0
-    # Retrieve a series' instances in one streamed WADO-RS series request (the ones not asked for are
-    # skipped) when a round of decoding asks for at least this fraction of them; fewer go one request
-    # per instance. 0: always by series; above 1: never. On loopback Orthanc a series answer costs
-    # about 1/40 of an instance request per instance, so 10% (the sparse search's first round at
-    # 2.5 mm slices) already pays; BENCHMARKS.md.
-    series_fraction: float = 0.1
+    # Retrieve a series in one streamed WADO-RS series request, once per run, into the run's spool on
+    # local disk (engine.series_spool), when a round of decoding asks for at least this fraction of
+    # its instances; every later round reads from the spool. Below it, instances the spool does not
+    # hold go one request each. 0 (the default): every series by series; above 1: never. A series
+    # answer costs loopback Orthanc about 1/30 of an instance request per instance, so even the
+    # sparse search (15-45 % of the slices) pays; over a slow link, instance by instance moves fewer
+    # bytes (BENCHMARKS.md).
+    series_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -479,105 +481,148 @@ def _part_sop(part: bytes) -> str:
     return uid
 
 
-class _SeriesCache(threading.local):
-    """This thread's instances of one series, retrieved together and not yet decoded.
+def _meta_sop(part: bytes) -> str:
+    """The SOPInstanceUID of one instance of a series answer, for filing it in the spool: the file
+    meta's Media Storage SOP Instance UID (0002,0003), read by walking the file meta group, which
+    PS3.10 7.1 fixes as explicit VR little endian after the 128-byte preamble and "DICM". A part
+    that is not so (no preamble, no such element) is read by pydicom (``_part_sop``). The dataset's
+    own SOPInstanceUID is checked when the instance is taken from the spool."""
+    if part[128:132] == b"DICM":
+        at = 132
+        while at + 8 <= len(part) and part[at : at + 2] == b"\x02\x00":
+            element = int.from_bytes(part[at + 2 : at + 4], "little")
+            vr = part[at + 4 : at + 6]
+            if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV"):
+                length, start = int.from_bytes(part[at + 8 : at + 12], "little"), at + 12
+            else:
+                length, start = int.from_bytes(part[at + 6 : at + 8], "little"), at + 8
+            if element == 0x0003:
+                uid = part[start : start + length].rstrip(b"\x00 ").decode("ascii", "replace")
+                if uid:
+                    return uid
+                break
+            if length == 0xFFFFFFFF:
+                break
+            at = start + length
+    return _part_sop(part)
 
-    Holds at most one series, and of it only the instances of the round asked for (``prefetch_series``);
-    each is dropped when it is taken. Per thread, like the clients.
-    """
+
+class _SpoolUse(threading.local):
+    """The spool directory of the task this thread decodes (None: no spool, instances one by one),
+    and the connections whose server has no series retrieval (HTTP 400/405/406/501 to one)."""
 
     def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.parts: dict[str, bytes] = {}
-        # SOPInstanceUID -> why the series retrieval failed (a transient failure after retries)
-        self.failed: dict[str, str] = {}
-        # connections whose server has no series retrieval: instances one by one
-        self.unsupported: set[DicomwebConnection] = set()
-
-    def clear(self) -> None:
-        self.key, self.parts, self.failed = None, {}, {}
+        self.root: str | None = None
 
 
-_SERIES = _SeriesCache()
+_SPOOL = _SpoolUse()
+_NO_SERIES_RETRIEVAL: set[DicomwebConnection] = set()
 
 
-def _retrieve_parts(conn: DicomwebConnection, study: str, series: str, wanted: frozenset[str], max_bytes: int) -> dict[str, bytes]:
-    """The instances ``wanted`` of one series, from one streamed series retrieval (others skipped)."""
-    client = _client(conn, max_bytes)
-    url = f"{conn.url}/studies/{study}/series/{series}"
+def _spool_series(root: str, conn: DicomwebConnection, study: str, series: str, max_bytes: int) -> None:
+    """Retrieve one series in one streamed request into the spool (series_spool), unless another
+    process or thread did or does (it waits for that one). A transient failure after retries is
+    recorded there for every round of the series; a permanent one (404, oversized) leaves the
+    instances to be retrieved one by one."""
+    from spinelevel.engine import series_spool
 
-    def fetch() -> dict[str, bytes]:
-        found: dict[str, bytes] = {}
-        response = client._session.get(url, headers={"Accept": _AS_STORED_ACCEPT}, stream=True, timeout=(conn.timeout_s, conn.timeout_s))
-        with response:
-            response.raise_for_status()
-            for part in _multipart_parts(response, max_bytes):
-                try:
-                    sop = _part_sop(part)
-                except Exception:
-                    continue  # unreadable: its instance is retrieved alone, and fails there with a reason
-                if sop in wanted:
-                    found[sop] = part
-        return found
+    directory = series_spool.series_dir(root, conn.url, study, series)
+    if series_spool.lookup(directory).state != "absent":
+        return
+    with series_spool.retrieving(directory) as state:
+        if state.state != "absent":
+            return
+        client = _client(conn, max_bytes)
+        url = f"{conn.url}/studies/{study}/series/{series}"
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom's value warnings
-        return _call(conn, "WADO-RS series retrieve", url, fetch)
+        def fetch() -> series_spool.SpoolState:
+            response = client._session.get(url, headers={"Accept": _AS_STORED_ACCEPT}, stream=True, timeout=(conn.timeout_s, conn.timeout_s))
+            with response:
+                response.raise_for_status()
+                return series_spool.write_series(directory, _multipart_parts(response, max_bytes), _meta_sop)
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pydicom's value warnings
+                _call(conn, "WADO-RS series retrieve", url, fetch)
+        except DicomwebError as exc:
+            if exc.status in _NO_SERIES_RETRIEVE_STATUS and exc.status != 404:
+                log.info("%s: no series retrieval (HTTP %s); retrieving instances one by one", conn.url, exc.status)
+                _NO_SERIES_RETRIEVAL.add(conn)
+                series_spool.mark(directory, "none")
+            elif exc.transient:
+                series_spool.mark(directory, "failed", str(exc))
+            else:  # oversized, 404 or another permanent failure: each instance on its own says why
+                series_spool.mark(directory, "none")
 
 
-def prefetch_series(sources: tuple[Source, ...], wanted: tuple[str, ...], max_bytes: int) -> None:
-    """Make this thread's series cache hold the instances of ``sources`` (all of one series).
-
-    When the cache does not hold them, the series is retrieved in one streamed request and the
-    instances ``wanted`` (the SOPInstanceUIDs of this round of the series, ``sources``' among them)
-    are kept, replacing what the cache held. A server without series retrieval, or a series answer
-    over the size limit, leaves the cache empty: ``retrieve_dataset`` then asks for each instance.
-    A transient failure after retries is recorded for each instance wanted, so they fail with it.
-    """
-    if not sources:
+def prefetch_series(spool: str | None, sources: tuple[Source, ...], by_series: bool, max_bytes: int) -> None:
+    """Before decoding a task: make this thread read DICOMweb instances from the run's ``spool``,
+    and, with ``by_series``, put the series of ``sources`` (all of one series) into the spool unless
+    it is there already (or being put there: then wait for it). Without a spool, or from a server
+    without series retrieval, ``retrieve_dataset`` asks for each instance."""
+    _SPOOL.root = spool
+    if spool is None or not sources or not by_series:
         return
     conn = _connection(sources[0])
     study, series, _ = _uids(sources[0])
-    key = (conn, study, series)
-    sops = {_uids(src)[2] for src in sources}
-    if _SERIES.key == key and all(sop in _SERIES.parts or sop in _SERIES.failed for sop in sops):
+    if conn in _NO_SERIES_RETRIEVAL or any(_uids(src)[:2] != (study, series) for src in sources):
         return
-    _SERIES.clear()
-    if conn in _SERIES.unsupported or any(_uids(src)[:2] != (study, series) for src in sources):
-        return
-    try:
-        parts = _retrieve_parts(conn, study, series, frozenset(wanted) | sops, max_bytes)
-    except DicomwebError as exc:
-        if exc.status in _NO_SERIES_RETRIEVE_STATUS and exc.status != 404:
-            log.info("%s: no series retrieval (HTTP %s); retrieving instances one by one", conn.url, exc.status)
-            _SERIES.unsupported.add(conn)
-        elif exc.transient:
-            _SERIES.key, _SERIES.failed = key, dict.fromkeys(set(wanted) | sops, str(exc))
-        return  # oversized, 404 or another permanent failure: each instance on its own says why
-    _SERIES.key, _SERIES.parts = key, parts
+    _spool_series(spool, conn, study, series, max_bytes)
+
+
+def discard_spooled(spool: str, sources: Iterable[Source]) -> None:
+    """Remove from the spool the series of these DICOMweb ``sources`` (their rows are written)."""
+    from spinelevel.engine import series_spool
+
+    seen: set[tuple[str, str, str]] = set()
+    for src in sources:
+        if src.kind != "dicomweb":
+            continue
+        try:
+            study, series, _ = _uids(src)
+        except RemoteReadError:
+            continue
+        key = (_connection(src).url, study, series)
+        if key not in seen:
+            seen.add(key)
+            series_spool.discard(spool, *key)
 
 
 def _cached_dataset(src: Source):  # noqa: ANN202 - pydicom Dataset or None
-    """The instance ``src`` from this thread's series cache (taken out of it), or None."""
-    if _SERIES.key is None or not (_SERIES.parts or _SERIES.failed):
+    """The instance ``src`` from the run's spool, or None where the spool does not hold it.
+
+    Raises:
+        RemoteReadError: the series retrieval failed transiently (after its retries): the series is
+            then redone by the next run, like any instance that could not be retrieved.
+    """
+    if _SPOOL.root is None:
         return None
+    from spinelevel.engine import series_spool
+
+    conn = _connection(src)
     study, series, sop = _uids(src)
-    if _SERIES.key != (_connection(src), study, series):
+    directory = series_spool.series_dir(_SPOOL.root, conn.url, study, series)
+    state = series_spool.lookup(directory)
+    if state.state == "failed":
+        raise RemoteReadError(state.index["reason"])
+    try:
+        data = state.read(directory, sop)
+    except FileNotFoundError:  # removed with its series: asked for alone
+        series_spool.forget(directory)
         return None
-    reason = _SERIES.failed.pop(sop, None)
-    if reason is not None:
-        raise RemoteReadError(reason)
-    part = _SERIES.parts.pop(sop, None)
-    if part is None:
+    if data is None:
         return None
     import pydicom
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return pydicom.dcmread(io.BytesIO(part))
-    except Exception as exc:  # the bytes came, they are not DICOM
-        raise RemoteReadError(f"{src.label}: the retrieved instance is unreadable ({type(exc).__name__})") from None
+            ds = pydicom.dcmread(io.BytesIO(data))
+    except Exception:  # not readable as it came in the series answer: asked for alone, which says why
+        return None
+    # filed by its file meta's SOP instance UID: the dataset must say the same
+    return ds if str(ds.get("SOPInstanceUID", "") or "").strip() == sop else None
 
 
 # -- scan: QIDO-RS, then series metadata -------------------------------------------------------
@@ -616,41 +661,36 @@ def _date_range(query: DicomwebQuery) -> str | None:
 class DicomwebScanner:
     """Yields a header (or a skip record) for every instance of the series that ``query`` selects.
 
-    Memory holds the metadata of two series at a time: the next series' metadata is requested (in a
-    thread) while the headers of one are read, so the server's work overlaps with ours.
-    ``series_labels`` collects the URL of every series listed, so skip rows of a series that failed
-    before are replaced when it is met again.
+    Each series' metadata is requested and read into headers by one job (``series_headers``), in
+    the decode pool's worker processes where ``read_batches`` is given (several series in flight, so
+    the server's work overlaps with ours; the metadata of a series never reaches this process), else
+    in two threads here. ``series_labels`` collects the URL of every series listed, so skip rows of
+    a series that failed before are replaced when it is met again.
     """
 
     query: DicomwebQuery
     options: ScanOptions = field(default_factory=ScanOptions)
-    # Reads the headers of batches of instance metadata elsewhere (the decode pool's worker
-    # processes): called with an iterator of json_headers_batch jobs, yields their results in order.
-    # None reads them here.
-    read_batches: Callable[[Iterator[tuple]], Iterator[list]] | None = None
+    # Runs series_headers jobs elsewhere (the decode pool's worker processes): called with an
+    # iterator of jobs, yields their results in order. None runs them here.
+    read_batches: Callable[[Iterator[tuple]], Iterator[list | None]] | None = None
     # WADO-RS URLs of the series listed (filled while scanning).
     series_labels: set[str] = field(default_factory=set)
 
     def __iter__(self) -> Iterator[FileHeader | SkippedFile]:
-        from concurrent.futures import ThreadPoolExecutor
-
         conn = self.query.connection
-        pairs = ((study, series) for study in self._studies() for series in self._series(study))
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spinelevel-metadata") as ahead:
-            pending = None
-            for pair in itertools.chain(pairs, [None]):
-                # ask for this series' metadata, then read the headers of the one before
-                submitted = (pair, ahead.submit(self._metadata, *pair)) if pair is not None else None
-                if pending is not None:
-                    (study, series), future = pending
-                    url = f"{conn.url}/studies/{study}/series/{series}"
-                    self.series_labels.add(url)
-                    try:
-                        yield from self._series_headers(study, series, future)
-                    except DicomwebError as exc:
-                        # never entered into the output state: the next run reads the series again
-                        yield SkippedFile(Source(url, "dicomweb"), f"series headers could not be read: {exc}; re-run to retry")
-                pending = submitted
+        pairs = [(study, series) for study in self._studies() for series in self._series(study)]
+        for study, series in pairs:
+            self.series_labels.add(f"{conn.url}/studies/{study}/series/{series}")
+        jobs = ((conn, study, series, self.options) for study, series in pairs)
+        results = self.read_batches(jobs) if self.read_batches is not None else _two_ahead(series_headers, jobs)
+        for (study, series), found in zip(pairs, results):
+            if found is not None:
+                yield from found
+                continue
+            try:  # no metadata resource on this server: each instance's header
+                yield from self._headers_from_instances(study, series)
+            except DicomwebError as exc:
+                yield SkippedFile(Source(f"{conn.url}/studies/{study}/series/{series}", "dicomweb"), f"series headers could not be read: {exc}; re-run to retry")
 
     def _studies(self) -> list[str]:
         conn = self.query.connection
@@ -686,29 +726,6 @@ class DicomwebScanner:
             "0020000E",
         )
 
-    def _metadata(self, study: str, series: str) -> list[dict]:
-        """The series metadata resource (DICOM JSON, one item per instance); runs in a thread."""
-        conn = self.query.connection
-        client = _client(conn)
-        url = f"{conn.url}/studies/{study}/series/{series}/metadata"
-        return _call(conn, "the series metadata request", url, lambda: client.retrieve_series_metadata(study, series))
-
-    def _series_headers(self, study: str, series: str, metadata) -> Iterator[FileHeader | SkippedFile]:  # noqa: ANN001 - Future
-        conn = self.query.connection
-        url = f"{conn.url}/studies/{study}/series/{series}/metadata"
-        try:
-            items = metadata.result()
-        except DicomwebError as exc:
-            if exc.status not in _NO_METADATA_STATUS:
-                raise
-            log.info("%s: no metadata resource (HTTP %s); reading each instance's header", url, exc.status)
-            yield from self._headers_from_instances(study, series)
-            return
-        jobs = ((conn, study, series, items[i : i + METADATA_BATCH], self.options) for i in range(0, len(items), METADATA_BATCH))
-        results = self.read_batches(jobs) if self.read_batches is not None else map(json_headers_batch, jobs)
-        for found in results:
-            yield from found
-
     def _headers_from_instances(self, study: str, series: str) -> Iterator[FileHeader | SkippedFile]:
         from spinelevel.engine.scan import _read_header_stream
 
@@ -731,15 +748,38 @@ class DicomwebScanner:
             yield from _read_header_stream(src, io.BytesIO(data), self.options.keep_tags)
 
 
-# Instances per batch of metadata read into headers in a worker process (about 0.4 ms per CT
-# instance through engine.json_header; 3 ms with pydicom's from_json).
-METADATA_BATCH = 64
+def _two_ahead(fn: Callable[[tuple], T], jobs: Iterator[tuple]) -> Iterator[T]:
+    """``fn`` of every job, in order, two at a time in threads (one waits for the server while the
+    other reads its answer)."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="spinelevel-metadata") as threads:
+        running: deque = deque()
+        for job in jobs:
+            running.append(threads.submit(fn, job))
+            if len(running) > 2:
+                yield running.popleft().result()
+        while running:
+            yield running.popleft().result()
 
 
-def json_headers_batch(job: tuple) -> list[FileHeader | SkippedFile]:
-    """Headers of a batch of one series' instance metadata: job = (connection, study UID, series
-    UID, [DICOM JSON item, ...], ScanOptions)."""
-    conn, study, series, items, options = job
+def series_headers(job: tuple) -> list[FileHeader | SkippedFile] | None:
+    """Headers of every instance of one series from its metadata resource (one WADO-RS request):
+    job = (connection, study UID, series UID, ScanOptions). None where the server has no metadata
+    resource (the caller then reads each instance's header); a series whose metadata could not be
+    had after retries is one skip record (not entered into the output state: the next run reads the
+    series again)."""
+    conn, study, series, options = job
+    client = _client(conn)
+    url = f"{conn.url}/studies/{study}/series/{series}"
+    try:
+        items = _call(conn, "the series metadata request", url + "/metadata", lambda: client.retrieve_series_metadata(study, series))
+    except DicomwebError as exc:
+        if exc.status in _NO_METADATA_STATUS:
+            log.info("%s/metadata: no metadata resource (HTTP %s); reading each instance's header", url, exc.status)
+            return None
+        return [SkippedFile(Source(url, "dicomweb"), f"series headers could not be read: {exc}; re-run to retry")]
     out: list[FileHeader | SkippedFile] = []
     for item in items:
         out.extend(_headers_from_json(conn, study, series, item, options))

@@ -29,6 +29,7 @@ import pyarrow as pa
 from spinelevel import __version__
 from spinelevel.card import ModelCard, file_sha256, read_card
 from spinelevel.engine.backends import Backend, BackendOptions, load_backend
+from spinelevel.engine import series_spool
 from spinelevel.engine.dicomweb import DicomwebQuery
 from spinelevel.engine.preprocess import PreprocessSpec
 from spinelevel.engine.sampling import SamplingOptions, SeriesSampler, resolve_mode
@@ -196,6 +197,10 @@ def _unexpected(exc: BaseException, what: str) -> str:
     return f"unexpected error while {what} ({type(exc).__name__}: {exc})"
 
 
+# Key of a decode task that only retrieves a series into the spool (_Scheduler._spool_ahead).
+_SPOOL_TASK = -1
+
+
 class _Scheduler:
     """Keeps the decode pool and the backend busy across series, and asks samplers for slices.
 
@@ -204,8 +209,11 @@ class _Scheduler:
     the sampler is satisfied and the series is labelled.
     """
 
-    def __init__(self, plans: list[SeriesPlan], backend: Backend, pool: DecodePool, spec: PreprocessSpec, classes: tuple[str, ...], options: RunOptions, mode: str) -> None:
+    def __init__(self, plans: list[SeriesPlan], backend: Backend, pool: DecodePool, spec: PreprocessSpec, classes: tuple[str, ...], options: RunOptions, mode: str, spool: Path | None = None) -> None:
         self.plans = plans
+        # Where DICOMweb series answers are spooled for the decode workers (engine.series_spool).
+        self.spool = str(spool) if spool is not None else None
+        self._spooled: set[int] = set()
         self.backend = backend
         self.pool = pool
         self.spec = spec
@@ -261,14 +269,35 @@ class _Scheduler:
                 work = _Work(plan, None, error=_unexpected(exc, "choosing the slices to evaluate"))  # type: ignore[arg-type]
                 first = []
             self.open[no] = work
+            self._spool_ahead(no)
             self._submit(no, work, first)
+
+    def _spool_ahead(self, no: int) -> None:
+        """Have a decode worker retrieve the series of plans ``no`` and ``no + 1`` into the spool
+        before their slices are decoded (where the connection retrieves every series by series):
+        the server's answer and our decoding overlap, and no worker waits for a series at its
+        first round."""
+        if self.spool is None:
+            return
+        for ahead in (no, no + 1):
+            if ahead >= len(self.plans) or ahead in self._spooled:
+                continue
+            self._spooled.add(ahead)
+            slices = self.plans[ahead].slices
+            first = slices[0].source if slices else None
+            if first is None or first.kind != "dicomweb" or first.remote is None or first.remote.series_fraction > 0:
+                continue
+            if not _by_series(slices, list(range(len(slices)))):
+                continue
+            self.pool.submit(DecodeTask(key=_SPOOL_TASK, indices=(), sources=(first,), sop_uids=(), spec=self.spec, max_bytes=self.options.scan.max_file_bytes, by_series=True, spool=self.spool))
 
     def _submit(self, no: int, work: _Work, indices: list[int]) -> None:
         slices = work.plan.slices
         # Archive members are read in archive order (cheap forward seeks in compressed tars).
         order = sorted(indices, key=lambda i: (slices[i].source.path, slices[i].source.offset, slices[i].frame or 0, i))
         chunk = max(1, self.options.chunk_slices)
-        series_sops = _series_round(slices, order)
+        by_series = _by_series(slices, order)
+        spool = self.spool if self.spool is not None and any(slices[i].source.kind == "dicomweb" for i in order) else None
         for start in range(0, len(order), chunk):
             idx = tuple(order[start : start + chunk])
             self.pool.submit(
@@ -285,7 +314,8 @@ class _Scheduler:
                     spacing=work.plan.pixel_spacing,
                     j2k_decoder=self.options.j2k_decoder,
                     j2k_device=_device_index(self.options.device),
-                    series_sops=series_sops,
+                    by_series=by_series,
+                    spool=spool,
                 )
             )
         work.outstanding += len(order)
@@ -296,6 +326,9 @@ class _Scheduler:
         self.thirdparty_records += prepared.thirdparty_records
         thirdparty_log.show(prepared.thirdparty_messages)
         self.j2k_outcomes.update(dict(prepared.j2k_outcomes))
+        if prepared.key == _SPOOL_TASK:  # a series put into the spool: its rounds come later
+            self.pool.release(prepared)
+            return
         work = self.open[prepared.key]
         if prepared.unavailable and work.error is None:
             # the server did not give the instances (after retries): decoding the rest would make a
@@ -378,6 +411,10 @@ class _Scheduler:
                     self._submit(no, work, more)
                     continue
             del self.open[no]
+            if self.spool is not None:
+                from spinelevel.engine.dicomweb import discard_spooled
+
+                discard_spooled(self.spool, (sl.source for sl in work.plan.slices))
             yield work.plan, self._finish(work), work.failures
 
     def _finish(self, work: _Work) -> SeriesResult | SeriesUnavailable | str | None:
@@ -393,26 +430,24 @@ class _Scheduler:
             return _unexpected(exc, "labelling the series")
 
 
-def _series_round(slices: list, order: list[int]) -> tuple[str, ...]:
-    """The SOPInstanceUIDs of a round to retrieve in one series request, or () for one by one.
+def _by_series(slices: list, order: list[int]) -> bool:
+    """Whether a round is retrieved with its series in one request (into the run's spool).
 
-    By series when every slice of the round is a DICOMweb instance of one series and the round asks
-    for at least the connection's ``series_fraction`` of the series' instances.
+    So when every slice of the round is a DICOMweb instance of one series and the round asks for at
+    least the connection's ``series_fraction`` of the series' instances.
     """
     if not order or any(slices[i].frame is not None for i in order):
         # frames of a multi-frame instance: the worker's parsed-file cache already holds the instance
-        return ()
+        return False
     first = slices[order[0]].source
     if first.kind != "dicomweb" or first.remote is None:
-        return ()
+        return False
     prefix = (first.member or "").rsplit("/instances/", 1)[0]
     if any(slices[i].source.kind != "dicomweb" or slices[i].source.remote != first.remote or not (slices[i].source.member or "").startswith(prefix + "/instances/") for i in order):
-        return ()
-    sops = tuple(dict.fromkeys(slices[i].source.member.rsplit("/", 1)[1] for i in order))
+        return False
+    sops = {slices[i].source.member for i in order}
     total = len({sl.source.member for sl in slices})
-    if len(sops) < first.remote.series_fraction * total:
-        return ()
-    return sops
+    return len(sops) >= first.remote.series_fraction * total
 
 
 def finish_series(plan: SeriesPlan, sampler: SeriesSampler, failures: dict[int, str], classes: tuple[str, ...], options: RunOptions) -> SeriesResult | None:
@@ -602,7 +637,7 @@ def scan_and_select(paths: list[Path], options: RunOptions, progress: RunProgres
     import itertools
 
     from spinelevel.engine import thirdparty_log
-    from spinelevel.engine.dicomweb import DicomwebScanner, json_headers_batch
+    from spinelevel.engine.dicomweb import DicomwebScanner, series_headers
     from spinelevel.engine.scan import scan_batch
     from spinelevel.engine.workers import counted_task
 
@@ -619,7 +654,7 @@ def scan_and_select(paths: list[Path], options: RunOptions, progress: RunProgres
         return read if pool is not None else None
 
     items: list[FileHeader | SkippedFile] = []
-    remote = [DicomwebScanner(q, options.scan, in_workers(functools.partial(counted_task, json_headers_batch))) for q in options.dicomweb]
+    remote = [DicomwebScanner(q, options.scan, in_workers(functools.partial(counted_task, series_headers))) for q in options.dicomweb]
     local = scan_paths(paths, options.scan, in_workers(functools.partial(counted_task, scan_batch, options=options.scan)))
     for item in itertools.chain(local, *remote):
         items.append(item)
@@ -882,6 +917,9 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
     status = "failed"
     already_done = 0
     scheduler: _Scheduler | None = None
+    # DICOMweb series answers on their way to the decode workers; a killed run leaves it: cleared
+    spool = out / series_spool.SPOOL_DIR
+    series_spool.clear(spool)
     records_before = thirdparty_log.record_count()
     scan_records = 0
     spec = PreprocessSpec.from_card(card)
@@ -892,7 +930,7 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
         progress.planned(len(plans), sum(len(p.slices) for p in plans))
         log.info("%d series to classify, %d already done, %d skipped", len(plans), already_done, len(selection.skipped_series))
 
-        scheduler = _Scheduler(plans, backend, pool, spec, card.classes, options, mode)
+        scheduler = _Scheduler(plans, backend, pool, spec, card.classes, options, mode, spool if options.dicomweb else None)
         for plan, result, failures in scheduler:
             write_series(writer, plan, plan_keys[plan.series_uid], result, failures, options)
             progress.advanced(1, len(result.sop_uids) if isinstance(result, SeriesResult) else 0)
@@ -904,6 +942,7 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
         raise
     finally:
         pool.close()
+        series_spool.clear(spool)
         if scheduler is not None and scheduler.dali is not None:
             scheduler.dali.close()
         seconds = time.perf_counter() - started

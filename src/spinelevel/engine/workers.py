@@ -79,10 +79,14 @@ class DecodeTask:
     # Slot of the shared-memory ring the worker writes the model input into (-1: return it pickled);
     # set by the pool.
     slab: int = -1
-    # DICOMweb sources of one series: the SOPInstanceUIDs of this round of the series (this task's
-    # among them), retrieved together in one series request and kept by the worker for the round's
-    # other tasks (dicomweb.prefetch_series); () retrieves each instance alone.
-    series_sops: tuple[str, ...] = ()
+    # DICOMweb sources of one series: retrieve the whole series in one request into the run's spool
+    # first, unless it is there (dicomweb.prefetch_series), so that this and every later round of it
+    # reads from there; False leaves instances the spool does not hold to be retrieved one by one.
+    # A task without indices and with this set only spools its series (ahead of its decoding).
+    by_series: bool = False
+    # The run's spool of DICOMweb series answers (engine.series_spool; None: no spool, for tasks of
+    # local files).
+    spool: str | None = None
     # Per slice, where the scan found the pixels of an uncompressed file (engine.native.NativePixels)
     # or None; () = all None. Such slices are read at that offset without parsing the file again.
     natives: tuple = ()
@@ -161,11 +165,11 @@ def prepare(task: DecodeTask) -> Prepared:
     frames = task.frames or (None,) * len(task.indices)
     natives = task.natives or (None,) * len(task.indices)
     out = _SLAB_MAP.rows(task) if task.slab >= 0 and task.preprocess != "dali" else None
-    if task.series_sops:
+    if task.spool is not None:
         from spinelevel.engine.dicomweb import prefetch_series
 
         try:
-            prefetch_series(task.sources, task.series_sops, task.max_bytes)
+            prefetch_series(task.spool, task.sources, task.by_series, task.max_bytes)
         except Exception:  # each instance is then retrieved alone, and fails there with its reason
             log.debug("series retrieval failed", exc_info=True)
     for index, src, sop, frame, native in zip(task.indices, task.sources, task.sop_uids, frames, natives):
@@ -333,7 +337,7 @@ def _init_worker(ring: _SlabFd | None = None) -> None:
 
 def counted_task(fn, *args, **kwargs) -> tuple[object, int, tuple[str, ...]]:  # noqa: ANN001 - a module-level function
     """``fn(*args, **kwargs)`` in a worker (the scan's header reads: scan.scan_batch,
-    dicomweb.json_headers_batch), with the count of the DICOM libraries' log records it caused there
+    dicomweb.series_headers), with the count of the DICOM libraries' log records it caused there
     and their redacted lines (in the parent process: 0 and (), the parent counts and shows its own)."""
     from spinelevel.engine import thirdparty_log
 
