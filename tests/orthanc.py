@@ -165,6 +165,8 @@ class FaultProxy:
         self.mode = "pass"
         self.count = 0
         self.requests = 0
+        # path (with query) of every GET, in order
+        self.paths: list[str] = []
         self.port = free_port()
         proxy = self
 
@@ -176,6 +178,7 @@ class FaultProxy:
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 proxy.requests += 1
+                proxy.paths.append(self.path)
                 if proxy.mode == "503" and proxy.count > 0:
                     proxy.count -= 1
                     self.send_response(503)

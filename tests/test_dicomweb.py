@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -254,3 +255,47 @@ def test_full_run_retrieves_each_series_in_one_request(tmp_path: Path, loaded: O
     assert requests < 12, requests
     run([archive], model_path, tmp_path / "local", RunOptions(workers=0, sampling=full))
     assert _rows(tmp_path / "series", "slices") == _rows(tmp_path / "local", "slices")
+
+
+def _series_retrievals(paths: list[str]) -> list[str]:
+    return [p for p in paths if re.fullmatch(r"/dicom-web/studies/[^/?]+/series/[^/?]+", p)]
+
+
+def _instance_retrievals(paths: list[str]) -> list[str]:
+    return [p for p in paths if re.fullmatch(r"/dicom-web/studies/[^/?]+/series/[^/?]+/instances/[^/?]+", p)]
+
+
+def test_sparse_run_retrieves_each_series_once_into_a_spool_it_removes(tmp_path: Path, loaded: Orthanc, archive: Path, model_path: Path, creds: None) -> None:
+    out = tmp_path / "out"
+    stale = out / ".spool" / "left-by-a-killed-run"
+    stale.mkdir(parents=True)
+    (stale / "series.bin").write_bytes(b"old")
+    with FaultProxy(loaded.port) as proxy:
+        # sparse sampling (the CPU default), two decode worker processes sharing the spool
+        summary = run([], model_path, out, RunOptions(workers=2, dicomweb=_query(proxy.input)))
+        paths = list(proxy.paths)
+    assert summary.series_ok == 2
+    # each classified series in one request, once, whatever the rounds and workers; the localizer's
+    # series was skipped from its metadata, its pixels never asked for; no instance alone
+    retrieved = _series_retrievals(paths)
+    assert sorted(retrieved) == sorted(set(retrieved)) and len(retrieved) == 2
+    assert _instance_retrievals(paths) == []
+    assert not (out / ".spool").exists()
+    run([archive], model_path, tmp_path / "local", RunOptions(workers=2))
+    assert _rows(out, "slices") == _rows(tmp_path / "local", "slices")
+
+
+def test_by_instance_option_retrieves_only_the_slices_the_model_sees(tmp_path: Path, loaded: Orthanc, archive: Path, model_path: Path, creds: None) -> None:
+    from typer.testing import CliRunner
+
+    from spinelevel.cli import app
+
+    with FaultProxy(loaded.port) as proxy:
+        res = CliRunner().invoke(app, ["run", proxy.input, "--model", str(model_path), "--out", str(tmp_path / "out"), "--workers", "0", "--dicomweb-by-instance", "-q"])
+        paths = list(proxy.paths)
+    assert res.exit_code == 0, res.output
+    assert _series_retrievals(paths) == []
+    seen = pq.read_table(tmp_path / "out" / "slices", columns=["evaluated"]).column("evaluated").to_pylist()
+    assert len(_instance_retrievals(paths)) == sum(seen) < len(seen)
+    run([archive], model_path, tmp_path / "local", RunOptions(workers=0))
+    assert _rows(tmp_path / "out", "slices") == _rows(tmp_path / "local", "slices")

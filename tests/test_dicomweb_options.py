@@ -46,6 +46,8 @@ def test_cli_refuses_misused_options(tmp_path: Path, model_path: Path) -> None:
     assert res.exit_code == 1 and "--ray does not read DICOMweb" in res.output
     res = runner.invoke(app, ["run", "dicomweb+http://127.0.0.1:9/dicom-web", "--model", str(model_path), "--out", str(tmp_path / "o"), "--since", "2026-12-02", "--until", "2026-12-01"])
     assert res.exit_code == 1 and "is after" in res.output
+    res = runner.invoke(app, ["run", str(tmp_path), "--model", str(model_path), "--out", str(tmp_path / "o"), "--dicomweb-by-instance"])
+    assert res.exit_code == 1 and "--dicomweb-by-instance: only for DICOMweb inputs" in res.output
     assert not (tmp_path / "o").exists()
 
 

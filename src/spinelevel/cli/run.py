@@ -134,6 +134,7 @@ def run(
     modality: Annotated[str, typer.Option("--modality", help="DICOMweb: modality of the series listed and read.")] = "CT",
     dicomweb_timeout: Annotated[float, typer.Option("--dicomweb-timeout", min=0.1, help="DICOMweb: seconds to wait for a connection and for each read of an answer.")] = 30.0,
     dicomweb_retries: Annotated[int, typer.Option("--dicomweb-retries", min=0, help="DICOMweb: retries of a request that failed transiently (connection refused, timeout, 5xx, cut short), with exponential backoff from 0.5 s, at most 60 s of waiting.")] = 4,
+    dicomweb_by_instance: Annotated[bool, typer.Option("--dicomweb-by-instance", help="DICOMweb: retrieve each instance the model needs in a request of its own, instead of each series in one request into a spool under OUT (once per run): fewer bytes over a slow link to a server with cheap requests, far more requests.")] = False,
     dicomweb_ca: Annotated[Path | None, typer.Option("--dicomweb-ca", help="DICOMweb: PEM bundle of the CA that signed the server's certificate (TLS is always verified; default: the system's CAs).", show_default=False)] = None,
     push_kos: Annotated[bool, typer.Option("--push-kos", help="DICOMweb: after the run, store each series' Key Object Selection document back on its server (STOW-RS); extracts into --extract DIR, or OUT/extract.")] = False,
     rows_per_part: Annotated[int, typer.Option("--rows-per-part", min=1, help="Slice rows per Parquet part; results are committed at least this often.")] = 100_000,
@@ -152,7 +153,7 @@ def run(
 
     setup_logging(verbose)
     with fail_cleanly():
-        local, queries = _inputs(paths, since, until, tuple(study or ()), modality, dicomweb_timeout, dicomweb_retries, dicomweb_ca, ray is not None, push_kos)
+        local, queries = _inputs(paths, since, until, tuple(study or ()), modality, dicomweb_timeout, dicomweb_retries, dicomweb_ca, ray is not None, push_kos, dicomweb_by_instance)
     options = RunOptions(
         backend=backend,
         device=device,
@@ -234,7 +235,7 @@ def run(
     sys.stdout.flush()
 
 
-def _inputs(paths: list[str], since: str | None, until: str | None, studies: tuple[str, ...], modality: str, timeout: float, retries: int, ca: Path | None, ray: bool, push_kos: bool):  # noqa: ANN202
+def _inputs(paths: list[str], since: str | None, until: str | None, studies: tuple[str, ...], modality: str, timeout: float, retries: int, ca: Path | None, ray: bool, push_kos: bool, by_instance: bool = False):  # noqa: ANN202
     """(local paths, DICOMweb queries) from the positional inputs and the DICOMweb options."""
     from spinelevel.engine.dicomweb import DicomwebQuery, is_dicomweb_input, parse_date, parse_input
     from spinelevel.errors import InputError
@@ -242,7 +243,7 @@ def _inputs(paths: list[str], since: str | None, until: str | None, studies: tup
     local = [Path(p) for p in paths if not is_dicomweb_input(p)]
     remote = [p for p in paths if is_dicomweb_input(p)]
     if not remote:
-        used = [name for name, value in (("--since", since), ("--until", until), ("--study", studies), ("--dicomweb-ca", ca), ("--push-kos", push_kos)) if value]
+        used = [name for name, value in (("--since", since), ("--until", until), ("--study", studies), ("--dicomweb-ca", ca), ("--dicomweb-by-instance", by_instance), ("--push-kos", push_kos)) if value]
         if used:
             raise InputError(f"{', '.join(used)}: only for DICOMweb inputs (dicomweb+https://host/dicom-web)")
         return local, ()
@@ -253,7 +254,7 @@ def _inputs(paths: list[str], since: str | None, until: str | None, studies: tup
     if first and last and first > last:
         raise InputError(f"--since {since} is after --until {until}")
     queries = tuple(
-        DicomwebQuery(parse_input(p, timeout_s=timeout, tries=retries + 1, ca_file=str(ca) if ca else None), first, last, studies, modality.strip().upper())
+        DicomwebQuery(parse_input(p, timeout_s=timeout, tries=retries + 1, ca_file=str(ca) if ca else None, series_fraction=2.0 if by_instance else 0.0), first, last, studies, modality.strip().upper())
         for p in remote
     )
     return local, queries
