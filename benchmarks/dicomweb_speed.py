@@ -6,9 +6,10 @@ Makes a phantom archive (``spinelevel phantom``), starts a local Orthanc (Debian
 ``orthanc-dicomweb``; the same starter as the tests, tests/orthanc.py) with basic auth, stores every
 file in it through the REST API, then for ``--rounds`` rounds, after one warm-up of each, runs the
 demo model over the archive three times into fresh folders: from the local folder, from
-``dicomweb+http://127.0.0.1:PORT/dicom-web`` (QIDO-RS, series metadata, WADO-RS in the decode
-workers: by series where a round asks for enough of it), and from the same with every instance
-retrieved alone (``series_fraction`` 2, the behaviour before series retrieval). Same process, same options; the order within a round alternates. Reports wall seconds
+``dicomweb+http://127.0.0.1:PORT/dicom-web`` (QIDO-RS, series metadata in the decode workers, each
+series retrieved once into the run's spool by a decode worker ahead of its decoding), and from the
+same with every instance the model sees retrieved alone (``--dicomweb-by-instance``, series_fraction
+2). Same process, same options; the order within a round alternates. Reports wall seconds
 (scan included), slices/s, and the ratio DICOMweb/local of slices/s (best round of each, and the
 median). Not collected by pytest.
 """

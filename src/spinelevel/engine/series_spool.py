@@ -22,7 +22,6 @@ files once its rows are written, and the whole spool at the end of a run and at 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -119,6 +118,8 @@ def _read_state(directory: Path) -> SpoolState:
 def retrieving(directory: Path) -> Iterator[SpoolState]:
     """Hold the series' lock; yields its state once held (another process may have filled it while
     this one waited). A process that dies holding the lock releases it with its file descriptor."""
+    import fcntl  # POSIX; only DICOMweb runs get here
+
     directory.parent.mkdir(parents=True, exist_ok=True)
     with open(directory.with_name(directory.name + ".lock"), "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
