@@ -265,11 +265,23 @@ def _instance_retrievals(paths: list[str]) -> list[str]:
     return [p for p in paths if re.fullmatch(r"/dicom-web/studies/[^/?]+/series/[^/?]+/instances/[^/?]+", p)]
 
 
-def test_sparse_run_retrieves_each_series_once_into_a_spool_it_removes(tmp_path: Path, loaded: Orthanc, archive: Path, model_path: Path, creds: None) -> None:
-    out = tmp_path / "out"
-    stale = out / ".spool" / "left-by-a-killed-run"
-    stale.mkdir(parents=True)
+def test_sparse_run_retrieves_each_series_once_into_a_spool_it_removes(tmp_path: Path, loaded: Orthanc, archive: Path, model_path: Path, creds: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    spools = tmp_path / "tmp"
+    spools.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spools))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = spools / f"spinelevel-spool-{dead.pid}-x1y2"  # left by a killed run
+    stale.mkdir()
     (stale / "series.bin").write_bytes(b"old")
+    out = tmp_path / "out"
+    made: list[Path] = []
+    from spinelevel.engine import series_spool
+
+    make_root = series_spool.make_root
+    monkeypatch.setattr(series_spool, "make_root", lambda: made.append(make_root()) or made[-1])
     with FaultProxy(loaded.port) as proxy:
         # sparse sampling (the CPU default), two decode worker processes sharing the spool
         summary = run([], model_path, out, RunOptions(workers=2, dicomweb=_query(proxy.input)))
@@ -280,7 +292,9 @@ def test_sparse_run_retrieves_each_series_once_into_a_spool_it_removes(tmp_path:
     retrieved = _series_retrievals(paths)
     assert sorted(retrieved) == sorted(set(retrieved)) and len(retrieved) == 2
     assert _instance_retrievals(paths) == []
-    assert not (out / ".spool").exists()
+    # a private folder outside the output (patient data), gone after the run, and the stale one too
+    assert len(made) == 1 and made[0].parent == spools
+    assert list(spools.iterdir()) == []
     run([archive], model_path, tmp_path / "local", RunOptions(workers=2))
     assert _rows(out, "slices") == _rows(tmp_path / "local", "slices")
 

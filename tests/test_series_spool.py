@@ -147,3 +147,27 @@ def test_a_failed_series_answer_fails_every_round_and_a_refused_one_none(tmp_pat
     dicomweb._spool_series(str(tmp_path), conn, "1.2", "1.2.4", 1 << 20)
     src = dicomweb.instance_source(conn, "1.2", "1.2.4", "1.2.4.1")
     assert dicomweb._cached_dataset(src) is None  # each instance is then retrieved alone
+
+
+def test_each_run_gets_a_private_spool_and_killed_runs_spools_are_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"spinelevel-spool-{dead.pid}-abc"
+    stale.mkdir()
+    (stale / "x").write_bytes(b"patient data")
+    live = tmp_path / f"spinelevel-spool-{os.getppid()}-def"  # a run still going (our parent is alive)
+    live.mkdir()
+    other = tmp_path / "spinelevel-spool-notapid"
+    other.mkdir()
+    root = series_spool.make_root()
+    assert root.parent == tmp_path and root.name.startswith(f"spinelevel-spool-{os.getpid()}-")
+    assert root.stat().st_mode & 0o777 == 0o700
+    assert not stale.exists() and live.exists() and other.exists()
+    series_spool.clear(root)
+    assert not root.exists()

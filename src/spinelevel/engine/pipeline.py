@@ -917,9 +917,8 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
     status = "failed"
     already_done = 0
     scheduler: _Scheduler | None = None
-    # DICOMweb series answers on their way to the decode workers; a killed run leaves it: cleared
-    spool = out / series_spool.SPOOL_DIR
-    series_spool.clear(spool)
+    # DICOMweb series answers on their way to the decode workers (patient data: not under OUT)
+    spool = series_spool.make_root() if options.dicomweb else None
     records_before = thirdparty_log.record_count()
     scan_records = 0
     spec = PreprocessSpec.from_card(card)
@@ -930,7 +929,7 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
         progress.planned(len(plans), sum(len(p.slices) for p in plans))
         log.info("%d series to classify, %d already done, %d skipped", len(plans), already_done, len(selection.skipped_series))
 
-        scheduler = _Scheduler(plans, backend, pool, spec, card.classes, options, mode, spool if options.dicomweb else None)
+        scheduler = _Scheduler(plans, backend, pool, spec, card.classes, options, mode, spool)
         for plan, result, failures in scheduler:
             write_series(writer, plan, plan_keys[plan.series_uid], result, failures, options)
             progress.advanced(1, len(result.sop_uids) if isinstance(result, SeriesResult) else 0)
@@ -942,7 +941,8 @@ def _run_locked(paths: list[Path], model: Path, out: Path, options: RunOptions, 
         raise
     finally:
         pool.close()
-        series_spool.clear(spool)
+        if spool is not None:
+            series_spool.clear(spool)
         if scheduler is not None and scheduler.dali is not None:
             scheduler.dali.close()
         seconds = time.perf_counter() - started

@@ -4,7 +4,8 @@ One WADO-RS series request brings every instance of a series for about 1/30 of t
 client's cost of asking for them one by one (loopback Orthanc, BENCHMARKS.md). The answer is streamed
 into one file per instance here (memory: one instance at a time), and every later round of that
 series, in any decode process or thread, reads its instances from these files instead of asking the
-server again. Layout, under the run's spool directory (``OUT/.spool``)::
+server again. Layout, under the run's spool directory (``make_root``: a private temporary folder,
+never the output folder, which must hold no patient data)::
 
     <key>.lock        flock'ed while the series is being retrieved (others wait, then read)
     <key>/series.bin  the instances of the answer, as sent, one after the other
@@ -15,8 +16,8 @@ server again. Layout, under the run's spool directory (``OUT/.spool``)::
     <key>/none.txt    no series answer to use (permanent failure, oversized): instances one by one
 
 ``key`` is a hash of the service URL, the study and the series UID. The pipeline removes a series'
-files once its rows are written, and the whole spool at the end of a run and at the start of the next
-(a killed run leaves it behind).
+files once its rows are written, and the whole spool at the end of the run; a run killed before that
+leaves its spool behind, and the next run on the machine removes it (its process is gone).
 """
 
 from __future__ import annotations
@@ -32,15 +33,41 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["SpoolState", "clear", "discard", "lookup", "retrieving", "series_dir", "write_series"]
+__all__ = ["SpoolState", "clear", "discard", "lookup", "make_root", "retrieving", "series_dir", "write_series"]
 
-SPOOL_DIR = ".spool"
+_PREFIX = "spinelevel-spool-"
 _INDEX = "index.json"
 _DATA = "series.bin"
 _FAILED = "failed.txt"
 _NONE = "none.txt"
 # Indexes kept in memory per process (a few series are in flight at a time).
 _CACHED = 16
+
+
+def make_root() -> Path:
+    """A new spool directory for this run: ``$TMPDIR/spinelevel-spool-<pid>-<random>``, mode 700.
+    Spools of runs whose process is gone (killed) are removed first."""
+    import tempfile
+
+    base = Path(tempfile.gettempdir())
+    for old in base.glob(_PREFIX + "*"):
+        try:
+            pid = int(old.name[len(_PREFIX) :].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def series_dir(root: str | os.PathLike, url: str, study: str, series: str) -> Path:
@@ -176,7 +203,7 @@ def discard(root: str | os.PathLike, url: str, study: str, series: str) -> None:
 
 
 def clear(root: str | os.PathLike) -> None:
-    """Remove the whole spool (start and end of a run)."""
+    """Remove the whole spool (the end of a run)."""
     with _lock:
         for key in [k for k in _cache if k.parent == Path(root)]:
             del _cache[key]
