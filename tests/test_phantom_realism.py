@@ -154,3 +154,16 @@ def test_transverse_colon_hangs_at_colon_drop() -> None:
     l2_high, l2_low = anterior_band(high, "L2"), anterior_band(low, "L2")
     assert l2_high > 200 and l2_low == 0
     assert anterior_band(low, "L4") + anterior_band(low, "L5") > 200
+
+def test_body_scale_widens_the_abdomen_and_leaves_the_other_draws() -> None:
+    specs = [plan_study(PhantomOptions(studies=200, seed=11), i) for i in range(200)]
+    base = np.array([s.half_width / s.body_scale for s in specs])
+    assert base.min() >= 125.0 - 1e-6 and base.max() <= 185.0 + 1e-6  # the anatomy stream's draw
+    widths = 2 * np.array([s.half_width for s in specs])
+    assert 320.0 < widths.mean() < 345.0 and widths.max() > 400.0
+    # the first realism stream (issue 14) is the fifth child of the study's seed sequence, as before
+    seq = np.random.SeedSequence([11, 0, 3, 20240603])
+    real = np.random.default_rng(seq.spawn(5)[4])
+    assert specs[3].wall_back == float(real.uniform(-0.1, 0.45))
+    assert specs[3].cortex_hu == float(real.uniform(500.0, 900.0))
+
