@@ -703,6 +703,15 @@ class Anatomy:
         rad = rad * (1.0 + 0.4 * (1.0 - _ramp(z, crest, crest - 6.0)))  # the crest is a thickened rim
         rad = rad + 12.0 * max(0.0, u - 0.6) / 0.4 + 2.0 * u
         r0 = r_post * 1.4 + 2.0 * u + 12.0 * max(0.0, u - 0.6) / 0.4  # the posterior end at its thickest
+        # the bone itself (second realism round): a thin blade of two cortical tables with fatty marrow
+        # between them (real blades are thin bright lines with dark marrow, not bright bands), thick only
+        # posteriorly near the sacroiliac joint and towards the acetabulum
+        thin = max(s.ilium_blade_mm, 0.55 * s.pixel_spacing)
+        rb = thin + (r_post - thin) * np.clip(1.0 - tm / 0.3, 0.0, 1.0) ** 1.5 + 0.5 * thin * np.clip((tm - 0.85) / 0.15, 0.0, 1.0)
+        rb = rb * (1.0 + 0.4 * (1.0 - _ramp(z, crest, crest - 6.0)))
+        rb = rb + 12.0 * max(0.0, u - 0.6) / 0.4 + 2.0 * u
+        marrow = s.ilium_marrow_hu * (1.0 - u) + (s.bone_hu + 40.0) * u
+        shell = max(s.ilium_cortex_mm, 0.75 * s.pixel_spacing)  # a ring thinner than a pixel would have gaps
         for side in (-1.0, 1.0):
             if sac > 0:  # beside the sacral ala, across a 2 mm sacroiliac joint space
                 p0 = (sx + side * (sac + 2.0 + r0), sy + 10.0)
@@ -716,8 +725,8 @@ class Anatomy:
             ctrl = (mid[0] + side * 0.16 * span, mid[1] + 0.10 * span)
             pts = (1 - tt) ** 2 * np.array(p0) + 2 * (1 - tt) * tt * np.array(ctrl) + tt**2 * np.array(p2)
             cv.polyline(pts + np.array([-side * 9.0, -4.0]), rad + 6.0 * (1 - u) + 2.0, self.hu("muscle"))  # iliacus
-            cv.polyline(pts, rad, self.cortex - 50.0)
-            cv.polyline(pts, np.maximum(rad - 1.8, 0.3), s.bone_hu + 40)
+            cv.polyline(pts, rb, self.cortex - 50.0)
+            cv.polyline(pts, np.maximum(rb - shell, 0.05), marrow)
 
     def _sacral_half_width(self, z: float) -> float:
         for vert in self.spec.vertebrae:
