@@ -213,3 +213,26 @@ def test_body_scale_widens_the_abdomen_and_leaves_the_other_draws() -> None:
     assert specs[3].wall_back == float(real.uniform(-0.1, 0.45))
     assert specs[3].cortex_hu == float(real.uniform(500.0, 900.0))
 
+
+def test_paraspinal_fat_grows_caudally() -> None:
+    spec = _spec(paraspinal_fat=1.0)
+    lean = dataclasses.replace(spec, paraspinal_fat=0.0)
+    a, b = Anatomy(spec), Anatomy(lean)
+
+    def drop(name: str) -> np.ndarray:  # how much lower the fatty muscles are, per pixel (HU)
+        vert = spec.vertebra(name)
+        z = (vert.top_z + vert.bottom_z) / 2
+        return b.render(z) - a.render(z)
+
+    assert np.abs(drop("L1")).max() <= 1.0
+    d3, d5 = drop("L3"), drop("L5")
+    assert d3.min() >= -1.0 and d5.min() >= -1.0  # fat lowers the HU, never raises it
+    l3, l5 = d3 > 1.0, d5 > 1.0
+    assert l3.sum() > 100 and l5.sum() > 100
+    assert d3[l3].mean() < d5[l5].mean()  # more fat at L5 than at L3
+    assert (d5 > 60.0).sum() > 10  # fat streaks (near fat HU), not only a lower muscle density
+    # only in the paraspinal muscles, behind the vertebral body
+    vert = spec.vertebra("L5")
+    z = (vert.top_z + vert.bottom_z) / 2
+    r0, _ = _pixel(spec, a, z, 0.0, a.frame(z)["sy"])
+    assert np.nonzero(l5)[0].min() > r0

@@ -136,6 +136,10 @@ class Anatomy:
         real = np.random.default_rng(spec.real_seed)
         self.tubes += self._more_bowel(real)
         self.bubbles = [real.uniform((0.0, 0.0, 1.2), (6.3, 0.85, 3.2), size=(int(real.integers(6, 15)), 3)) for _ in self.tubes]
+        # second realism round (again its own seed): fat streaks of the paraspinal muscles, per side
+        # (u, v centre as fractions of the muscle's semi-axes, half-length fraction, angle, width mm)
+        real2 = np.random.default_rng(spec.real2_seed)
+        self.streaks = [real2.uniform((-0.6, -0.6, 0.25, -0.7, 0.7), (0.6, 0.6, 0.6, 0.7, 1.8), size=(6, 5)) for _ in range(2)]
 
     # --- per-slice frame ---------------------------------------------------------------------------
 
@@ -291,8 +295,25 @@ class Anatomy:
             top_v = sy + d + 6.0
             bot_v = f["back"] - f["fat"] * 0.0 - 1.0
             hv = max((bot_v - top_v) / 2.0, 4.0)
-            for side in (-1.0, 1.0):
-                cv.ellipse(sx + side * (size + 6.0), (top_v + bot_v) / 2.0, size, hv, m)
+            # fatty infiltration grows caudally (real paraspinals at L4-S1 are lower in density and
+            # streaked with fat, more so with age): none above L2, paraspinal_fat's full amount from L5
+            fat = s.paraspinal_fat * _ramp(z, self.center["L2"], self.center[self.lumbar[-1].name])
+            for k, side in enumerate((-1.0, 1.0)):
+                pu, pv = sx + side * (size + 6.0), (top_v + bot_v) / 2.0
+                cv.ellipse(pu, pv, size, hv, m - 28.0 * fat)
+                for i, (fu, fv, fl, ang, wid) in enumerate(self.streaks[k]):
+                    if fat <= 0.05 or i >= 1 + int(fat * 5.99):
+                        break
+                    half = fl * min(size, hv)
+                    du, dv = half * math.sin(ang), half * math.cos(ang)
+                    cu, cvv = pu + side * fu * size, pv + fv * hv
+                    ends = np.array([[cu - du, cvv - dv], [cu + du, cvv + dv]])
+                    # keep the streak inside the muscle
+                    ru = (ends[:, 0] - pu) / size
+                    rv = (ends[:, 1] - pv) / hv
+                    k_in = min(1.0, 0.85 / max(float(np.sqrt(ru * ru + rv * rv).max()), 1e-6))
+                    ends = np.array([pu, pv]) + (ends - np.array([pu, pv])) * k_in
+                    cv.polyline(ends, wid * (0.5 + 0.5 * fat), m + (_FAT - m) * (0.5 + 0.5 * fat))
         # psoas: from T12 down, growing caudally, joining iliacus in the pelvis
         c = self.center
         zs = np.array([v["T12"].bottom_z, c["L1"], c["L2"], c["L3"], c["L4"], c[self.lumbar[-1].name], c["S1"], s.femoral_head_z, s.femoral_head_z - 60])
