@@ -50,6 +50,9 @@ RECIPE = {
         # ...). The sets above were written by the generator before those changes; a rerun of
         # stage_data writes them with today's generator, so they differ from the ones trained on.
         "ft14": (1400, 140, {"second_recon_probability": 0.0, "localizer_probability": 0.0, "dose_report_probability": 0.0}),
+        # issue 14 follow-up: the generator of commit 076234e and after (thin iliac blades of two cortical
+        # tables with fatty marrow, wider bodies, paraspinal fat growing caudally); new patients
+        "ft15": (1500, 140, {"second_recon_probability": 0.0, "localizer_probability": 0.0, "dose_report_probability": 0.0}),
         "test": (2000, 24, {}),
     },
     "arch": "tf_efficientnetv2_b0",
@@ -74,6 +77,9 @@ RECIPE = {
         # Issue 14 (real CT: L2-L5 called L2, whole-trunk decoded accuracy 0.45): the same fine-tune on
         # phantoms closer to real CT (ft14), from v2ft's model (`init_onnx`: the shipped v2ft export).
         {"name": "v3ft", "input_size": 128, "epochs": 14, "samples_per_epoch": 3000, "max_val_slices": 600, "init": "v2ft/best.safetensors", "init_onnx": "levels_demo_v2ft.onnx", "lr": 3e-4, "data": ["ft14"], "preprocess": 2, "fov_mm": 400.0, "augment": "domain", "freeze_bn": True},
+        # Issue 14 follow-up (real CT: L4-L5 decoded as L3, L5/S1 called L2 by the argmax): the same
+        # fine-tune on ft15, from v3ft's model (`init_onnx`: the shipped v3ft export).
+        {"name": "v4ft", "input_size": 128, "epochs": 14, "samples_per_epoch": 3000, "max_val_slices": 600, "init": "v3ft/best.safetensors", "init_onnx": "levels_demo_v3ft.onnx", "lr": 3e-4, "data": ["ft15"], "preprocess": 2, "fov_mm": 400.0, "augment": "domain", "freeze_bn": True},
     ],
 }
 
@@ -159,7 +165,7 @@ def _write_model_card(work: Path, metrics: dict, run_json: dict, run_s: float, r
         if csv_path.is_file():
             hist += [f"# phase {phase['name']} ({phase['input_size']} px)", *csv_path.read_text().strip().splitlines()]
         else:  # an earlier session's phase whose work folder is gone: its history is in git
-            where = "0db22a5" if phase["name"] == "v2ft" else "21597d3"
+            where = {"v2ft": "0db22a5", "v3ft": "b932daf"}.get(phase["name"], "21597d3")
             hist += [f"# phase {phase['name']} ({phase['input_size']} px): not in this work folder; its history is in MODEL_CARD.md at commit {where}"]
     pc = metrics["per_class"]
     phases = "\n".join(
