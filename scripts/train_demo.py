@@ -78,8 +78,11 @@ RECIPE = {
         # phantoms closer to real CT (ft14), from v2ft's model (`init_onnx`: the shipped v2ft export).
         {"name": "v3ft", "input_size": 128, "epochs": 14, "samples_per_epoch": 3000, "max_val_slices": 600, "init": "v2ft/best.safetensors", "init_onnx": "levels_demo_v2ft.onnx", "lr": 3e-4, "data": ["ft14"], "preprocess": 2, "fov_mm": 400.0, "augment": "domain", "freeze_bn": True},
         # Issue 14 follow-up (real CT: L4-L5 decoded as L3, L5/S1 called L2 by the argmax): the same
-        # fine-tune on ft15, from v3ft's model (`init_onnx`: the shipped v3ft export).
-        {"name": "v4ft", "input_size": 128, "epochs": 14, "samples_per_epoch": 3000, "max_val_slices": 600, "init": "v3ft/best.safetensors", "init_onnx": "levels_demo_v3ft.onnx", "lr": 3e-4, "data": ["ft15"], "preprocess": 2, "fov_mm": 400.0, "augment": "domain", "freeze_bn": True},
+        # fine-tune on ft15 plus ft (kept as it was written, by the generator before issue 14), from
+        # v3ft's model (`init_onnx`: the shipped v3ft export). On ft15 alone (trial a) and on
+        # ft14 + ft15 (trial b) the L3 pick within 5 mm fell to 0.913 on the held-out set of that older
+        # generator (one study, both its series), below the 0.95 target; with ft it held (0.957).
+        {"name": "v4ft", "input_size": 128, "epochs": 14, "samples_per_epoch": 3000, "max_val_slices": 600, "init": "v3ft/best.safetensors", "init_onnx": "levels_demo_v3ft.onnx", "lr": 3e-4, "data": ["ft", "ft15"], "preprocess": 2, "fov_mm": 400.0, "augment": "domain", "freeze_bn": True},
     ],
 }
 
