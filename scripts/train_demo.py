@@ -233,7 +233,7 @@ History (history.csv):
 ## Held-out evaluation
 
 `spinelevel run` (ONNX Runtime, CPU) then `spinelevel evaluate` on
-`spinelevel phantom --studies {RECIPE['datasets']['test'][1]} --seed {RECIPE['datasets']['test'][0]} --size {RECIPE['size']}` (studies never seen in training; the shipped numbers are on the set written by the generator before issue 14's phantom changes, so its phantoms look like the older training sets, not like `ft14`; tests/data/real_ct/results_demo_v3.md also has a set of the new generator):
+`spinelevel phantom --studies {RECIPE['datasets']['test'][1]} --seed {RECIPE['datasets']['test'][0]} --size {RECIPE['size']}` (studies never seen in training; the shipped numbers are on the set written by the generator before issue 14's phantom changes, so its phantoms look like the older training sets (`ft`), not like `ft14` or `ft15`; tests/data/real_ct/results_demo_v3.md and results_demo_v4.md also have sets of the newer generators):
 
 | metric | value |
 | --- | --- |
@@ -252,14 +252,15 @@ History (history.csv):
 ## Real CT (scripts/real_ct_eval.py; validation only, never used for training)
 
 These three cases are not an independent test: they informed the phantom changes of the `v3ft`
-phase (issue 14: real slices were compared with phantom slices at each level) and the decision to
-ship it (tests/data/real_ct/results_demo_v3.md, with a trial run that did better here but not on
-the phantom held-out set). Expect less on unseen real CT.
+and `v4ft` phases (issue 14: real slices were compared with phantom slices at each level) and the
+decisions to ship them (tests/data/real_ct/results_demo_v3.md and results_demo_v4.md, each with
+trial runs that did better here but not on the phantom held-out set). Expect less on unseen real CT.
 
 {(real_ct.split(chr(10), 1)[1] if real_ct.startswith('#') else real_ct).replace(chr(10) + '## ', chr(10) + '### ').strip()}
 
 Earlier bundled models on the same cases: `tests/data/real_ct/baseline_demo_v1.md` (preprocessing 1,
-before the `v2ft` phase) and `tests/data/real_ct/results_demo_v2.md` (after `v2ft`, before `v3ft`).
+before the `v2ft` phase), `tests/data/real_ct/results_demo_v2.md` (after `v2ft`, before `v3ft`) and
+`tests/data/real_ct/results_demo_v3.md` (after `v3ft`, before `v4ft`).
 """
     (MODEL_DIR / "MODEL_CARD.md").write_text(text, encoding="utf-8")
     print(text)
