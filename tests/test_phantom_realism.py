@@ -71,7 +71,9 @@ def test_sacroiliac_joint_space_between_sacrum_and_ilium() -> None:
     sac = anatomy._sacral_half_width(z)
     for side in (-1.0, 1.0):
         joint = img[_pixel(spec, anatomy, z, side * (sac + 1.0), f["sy"] + 10.0)]
-        ilium = img[_pixel(spec, anatomy, z, side * (sac + 2.0 + 2.6 * spec.ilium_mm * 1.4), f["sy"] + 10.0)]
+        # the posterior ilium: its cortex lies within its thickness beyond the joint (marrow between)
+        r0 = 2.6 * spec.ilium_mm * 1.4
+        ilium = max(img[_pixel(spec, anatomy, z, side * (sac + 2.0 + d), f["sy"] + 10.0)] for d in np.linspace(0.0, 2.0 * r0, 80))
         assert joint < 150.0 < ilium
 
 
@@ -154,3 +156,83 @@ def test_transverse_colon_hangs_at_colon_drop() -> None:
     l2_high, l2_low = anterior_band(high, "L2"), anterior_band(low, "L2")
     assert l2_high > 200 and l2_low == 0
     assert anterior_band(low, "L4") + anterior_band(low, "L5") > 200
+
+
+def _wing_slice(size: int = 512, **changes):
+    spec = _spec(size=size, **changes)
+    anatomy = Anatomy(spec)
+    z = spec.iliac_crest_z - 25.0
+    if not z > anatomy.acetabulum_roof:
+        pytest.skip("no full wing in this draw")
+    return spec, anatomy, z
+
+
+def _lateral(spec, anatomy: Anatomy, img: np.ndarray, z: float) -> np.ndarray:
+    """The image without the middle (spine, sacrum) and the table."""
+    f = anatomy.frame(z)
+    r, c = _pixel(spec, anatomy, z, 0.0, 0.0)
+    half = int(0.45 * f["ac"] / spec.pixel_spacing)
+    table = int((spec.table_y - spec.origin[1]) / spec.pixel_spacing)
+    out = img[: max(table - 2, 0)].copy()
+    out[:, max(c - half, 0): c + half] = np.nan
+    return out
+
+
+def test_iliac_blade_is_thin_with_dark_marrow() -> None:
+    # the blade is two thin cortical tables with fatty marrow between, not a bright band
+    spec, anatomy, z = _wing_slice(ilium_blade_mm=1.0, ilium_marrow_hu=20.0)
+
+    def bone(blade_mm: float) -> int:  # the whole blade's area: marrow as bright as cortex
+        s = dataclasses.replace(spec, ilium_blade_mm=blade_mm, ilium_marrow_hu=800.0)
+        an = Anatomy(s)
+        return int(np.nansum(_lateral(s, an, an.render(z), z) > 300))
+
+    assert 0 < bone(1.0) < 0.85 * bone(2.2)
+    # marrow: the pixels that change with ilium_marrow_hu lie inside the wing and hold that HU
+    bright = dataclasses.replace(spec, ilium_marrow_hu=250.0)
+    a, b = anatomy.render(z), Anatomy(bright).render(z)
+    changed = np.abs(a - b) > 1.0
+    assert changed.sum() > 20
+    assert np.all(a[changed] < 100.0)
+    # the middle of the blade is thinner than its posterior end: fewer marrow pixels in the
+    # anterior half of the wing than in the posterior half
+    rows = np.nonzero(changed)[0]
+    r0, _ = _pixel(spec, anatomy, z, 0.0, 0.0)
+    assert (rows < r0 - 10).sum() < (rows >= r0 - 10).sum()
+
+
+def test_body_scale_widens_the_abdomen_and_leaves_the_other_draws() -> None:
+    specs = [plan_study(PhantomOptions(studies=200, seed=11), i) for i in range(200)]
+    base = np.array([s.half_width / s.body_scale for s in specs])
+    assert base.min() >= 125.0 - 1e-6 and base.max() <= 185.0 + 1e-6  # the anatomy stream's draw
+    widths = 2 * np.array([s.half_width for s in specs])
+    assert 320.0 < widths.mean() < 345.0 and widths.max() > 400.0
+    # the first realism stream (issue 14) is the fifth child of the study's seed sequence, as before
+    seq = np.random.SeedSequence([11, 0, 3, 20240603])
+    real = np.random.default_rng(seq.spawn(5)[4])
+    assert specs[3].wall_back == float(real.uniform(-0.1, 0.45))
+    assert specs[3].cortex_hu == float(real.uniform(500.0, 900.0))
+
+
+def test_paraspinal_fat_grows_caudally() -> None:
+    spec = _spec(paraspinal_fat=1.0)
+    lean = dataclasses.replace(spec, paraspinal_fat=0.0)
+    a, b = Anatomy(spec), Anatomy(lean)
+
+    def drop(name: str) -> np.ndarray:  # how much lower the fatty muscles are, per pixel (HU)
+        vert = spec.vertebra(name)
+        z = (vert.top_z + vert.bottom_z) / 2
+        return b.render(z) - a.render(z)
+
+    assert np.abs(drop("L1")).max() <= 1.0
+    d3, d5 = drop("L3"), drop("L5")
+    assert d3.min() >= -1.0 and d5.min() >= -1.0  # fat lowers the HU, never raises it
+    l3, l5 = d3 > 1.0, d5 > 1.0
+    assert l3.sum() > 100 and l5.sum() > 100
+    assert d3[l3].mean() < d5[l5].mean()  # more fat at L5 than at L3
+    assert (d5 > 60.0).sum() > 10  # fat streaks (near fat HU), not only a lower muscle density
+    # only in the paraspinal muscles, behind the vertebral body
+    vert = spec.vertebra("L5")
+    z = (vert.top_z + vert.bottom_z) / 2
+    r0, _ = _pixel(spec, a, z, 0.0, a.frame(z)["sy"])
+    assert np.nonzero(l5)[0].min() > r0

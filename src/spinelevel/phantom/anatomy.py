@@ -136,6 +136,10 @@ class Anatomy:
         real = np.random.default_rng(spec.real_seed)
         self.tubes += self._more_bowel(real)
         self.bubbles = [real.uniform((0.0, 0.0, 1.2), (6.3, 0.85, 3.2), size=(int(real.integers(6, 15)), 3)) for _ in self.tubes]
+        # second realism round (again its own seed): fat streaks of the paraspinal muscles, per side
+        # (u, v centre as fractions of the muscle's semi-axes, half-length fraction, angle, width mm)
+        real2 = np.random.default_rng(spec.real2_seed)
+        self.streaks = [real2.uniform((-0.6, -0.6, 0.25, -0.7, 0.7), (0.6, 0.6, 0.6, 0.7, 1.8), size=(6, 5)) for _ in range(2)]
 
     # --- per-slice frame ---------------------------------------------------------------------------
 
@@ -291,8 +295,25 @@ class Anatomy:
             top_v = sy + d + 6.0
             bot_v = f["back"] - f["fat"] * 0.0 - 1.0
             hv = max((bot_v - top_v) / 2.0, 4.0)
-            for side in (-1.0, 1.0):
-                cv.ellipse(sx + side * (size + 6.0), (top_v + bot_v) / 2.0, size, hv, m)
+            # fatty infiltration grows caudally (real paraspinals at L4-S1 are lower in density and
+            # streaked with fat, more so with age): none above L2, paraspinal_fat's full amount from L5
+            fat = s.paraspinal_fat * _ramp(z, self.center["L2"], self.center[self.lumbar[-1].name])
+            for k, side in enumerate((-1.0, 1.0)):
+                pu, pv = sx + side * (size + 6.0), (top_v + bot_v) / 2.0
+                cv.ellipse(pu, pv, size, hv, m - 28.0 * fat)
+                for i, (fu, fv, fl, ang, wid) in enumerate(self.streaks[k]):
+                    if fat <= 0.05 or i >= 1 + int(fat * 5.99):
+                        break
+                    half = fl * min(size, hv)
+                    du, dv = half * math.sin(ang), half * math.cos(ang)
+                    cu, cvv = pu + side * fu * size, pv + fv * hv
+                    ends = np.array([[cu - du, cvv - dv], [cu + du, cvv + dv]])
+                    # keep the streak inside the muscle
+                    ru = (ends[:, 0] - pu) / size
+                    rv = (ends[:, 1] - pv) / hv
+                    k_in = min(1.0, 0.85 / max(float(np.sqrt(ru * ru + rv * rv).max()), 1e-6))
+                    ends = np.array([pu, pv]) + (ends - np.array([pu, pv])) * k_in
+                    cv.polyline(ends, wid * (0.5 + 0.5 * fat), m + (_FAT - m) * (0.5 + 0.5 * fat))
         # psoas: from T12 down, growing caudally, joining iliacus in the pelvis
         c = self.center
         zs = np.array([v["T12"].bottom_z, c["L1"], c["L2"], c["L3"], c["L4"], c[self.lumbar[-1].name], c["S1"], s.femoral_head_z, s.femoral_head_z - 60])
@@ -703,6 +724,15 @@ class Anatomy:
         rad = rad * (1.0 + 0.4 * (1.0 - _ramp(z, crest, crest - 6.0)))  # the crest is a thickened rim
         rad = rad + 12.0 * max(0.0, u - 0.6) / 0.4 + 2.0 * u
         r0 = r_post * 1.4 + 2.0 * u + 12.0 * max(0.0, u - 0.6) / 0.4  # the posterior end at its thickest
+        # the bone itself (second realism round): a thin blade of two cortical tables with fatty marrow
+        # between them (real blades are thin bright lines with dark marrow, not bright bands), thick only
+        # posteriorly near the sacroiliac joint and towards the acetabulum
+        thin = max(s.ilium_blade_mm, 0.55 * s.pixel_spacing)
+        rb = thin + (r_post - thin) * np.clip(1.0 - tm / 0.3, 0.0, 1.0) ** 1.5 + 0.5 * thin * np.clip((tm - 0.85) / 0.15, 0.0, 1.0)
+        rb = rb * (1.0 + 0.4 * (1.0 - _ramp(z, crest, crest - 6.0)))
+        rb = rb + 12.0 * max(0.0, u - 0.6) / 0.4 + 2.0 * u
+        marrow = s.ilium_marrow_hu * (1.0 - u) + (s.bone_hu + 40.0) * u
+        shell = max(s.ilium_cortex_mm, 0.75 * s.pixel_spacing)  # a ring thinner than a pixel would have gaps
         for side in (-1.0, 1.0):
             if sac > 0:  # beside the sacral ala, across a 2 mm sacroiliac joint space
                 p0 = (sx + side * (sac + 2.0 + r0), sy + 10.0)
@@ -716,8 +746,8 @@ class Anatomy:
             ctrl = (mid[0] + side * 0.16 * span, mid[1] + 0.10 * span)
             pts = (1 - tt) ** 2 * np.array(p0) + 2 * (1 - tt) * tt * np.array(ctrl) + tt**2 * np.array(p2)
             cv.polyline(pts + np.array([-side * 9.0, -4.0]), rad + 6.0 * (1 - u) + 2.0, self.hu("muscle"))  # iliacus
-            cv.polyline(pts, rad, self.cortex - 50.0)
-            cv.polyline(pts, np.maximum(rad - 1.8, 0.3), s.bone_hu + 40)
+            cv.polyline(pts, rb, self.cortex - 50.0)
+            cv.polyline(pts, np.maximum(rb - shell, 0.05), marrow)
 
     def _sacral_half_width(self, z: float) -> float:
         for vert in self.spec.vertebrae:

@@ -152,6 +152,12 @@ class StudySpec:
     real_seed: int  # seed of the realism details (extra loops, stool bubbles)
     colon_drop: float  # how far the transverse colon hangs: 0 at L2, 1 at L5 (it sags into the pelvis in many adults)
     colon_content: str  # transverse colon content: 'stool', 'air' or 'fluid'
+    body_scale: float  # factor on the drawn abdominal width (half_width holds the product): real abdomens are wider
+    ilium_blade_mm: float  # half-thickness (mm) of the thin middle of the iliac blade (two cortical tables)
+    ilium_cortex_mm: float  # thickness (mm) of the iliac cortex (the inner and outer tables)
+    ilium_marrow_hu: float  # HU between the iliac tables (fatty marrow: darker than the vertebral bodies)
+    paraspinal_fat: float  # fatty infiltration of the paraspinal muscles at the lumbosacral junction (0..1)
+    real2_seed: int  # seed of the second realism round's details (paraspinal fat streaks)
     series: tuple[SeriesSpec, ...]  # axial CT series
     localizer_images: int  # 0 (none) to 3 localizer images
     localizer_series_uid: str  # SeriesInstanceUID of the localizer series
@@ -292,13 +298,15 @@ def plan_study(options: PhantomOptions, index: int) -> StudySpec:
     """
     seq = np.random.SeedSequence([options.seed & 0xFFFFFFFF, options.seed >> 32 & 0xFFFFFFFF, index, 20240603])
     # spawn(5) gives the same first four children as spawn(4): the fifth (realism details added for
-    # real CT) leaves every earlier draw of a seed as it was
-    anatomy_seq, scan_seq, extras_seq, names_seq, real_seq = seq.spawn(5)
+    # real CT) leaves every earlier draw of a seed as it was; so does the sixth (the second round of
+    # realism details, issue 14 follow-up: thin iliac blades, body size, paraspinal fat)
+    anatomy_seq, scan_seq, extras_seq, names_seq, real_seq, real2_seq = seq.spawn(6)
     rng = np.random.default_rng(anatomy_seq)
     scan = np.random.default_rng(scan_seq)
     extras = np.random.default_rng(extras_seq)
     names = np.random.default_rng(names_seq)
     real = np.random.default_rng(real_seq)
+    real2 = np.random.default_rng(real2_seq)
     key = (options.seed, index)
 
     if options.variant == "random":
@@ -308,7 +316,11 @@ def plan_study(options: PhantomOptions, index: int) -> StudySpec:
     spine = _spine(rng, variant, top_z=round(float(rng.uniform(-150.0, 250.0)), 2))
     v = {s.name: s for s in spine}
 
-    half_width = float(rng.uniform(125.0, 185.0))
+    # Real abdomens are wider than the first phantoms (the whole-trunk real case is 350 mm wide at L3,
+    # about the top of the old 250-370 mm range): a factor from the second realism stream widens the
+    # range to about 240-430 mm (mean about 330 mm), leaving the anatomy stream's draws as they were.
+    body_scale = float(real2.uniform(0.95, 1.18))
+    half_width = float(rng.uniform(125.0, 185.0)) * body_scale
     fat_mm = float(np.clip(rng.gamma(3.0, 6.0) + 4.0 + (half_width - 125.0) * 0.35, 4.0, 75.0))
     half_depth = float(half_width * rng.uniform(0.6, 0.8) + 0.25 * fat_mm)
     # The intercristal line lies at the L4 body or the L4/L5 disc in most adults, at L5 in some: the
@@ -428,6 +440,12 @@ def plan_study(options: PhantomOptions, index: int) -> StudySpec:
         real_seed=int(real.integers(0, 2**31)),
         colon_drop=float(real.uniform(0.0, 1.0) ** 1.5),
         colon_content=str(real.choice(("stool", "stool", "air", "fluid"))),
+        body_scale=body_scale,
+        ilium_blade_mm=float(real2.uniform(1.0, 2.2)),
+        ilium_cortex_mm=float(real2.uniform(0.8, 1.5)),
+        ilium_marrow_hu=float(real2.uniform(20.0, 200.0)),
+        paraspinal_fat=float(real2.uniform(0.0, 1.0) ** 1.3),
+        real2_seed=int(real2.integers(0, 2**31)),
         series=tuple(series),
         localizer_images=localizer_images,
         localizer_series_uid=_uid("localizer", *key),
