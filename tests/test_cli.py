@@ -124,3 +124,25 @@ def test_spawned_workers_do_not_rerun_the_command_line_script(tmp_path: Path) ->
     assert before.returncode == 0 and after.returncode == 0, before.stderr + after.stderr
     assert before.stdout.strip() == "True"  # the script imported spinelevel.cli (typer) in the worker
     assert after.stdout.strip() == "False"
+
+
+def test_level_extents_option(tmp_path: Path, series_dir: Path, model_path: Path) -> None:
+    import json
+
+    for value, words in [("20", "shortest and longest"), ("55,20", "shortest < longest"), ("a,b", "shortest and longest"), ("10,inf", "finite")]:
+        result = runner.invoke(app, ["run", str(series_dir), "-m", str(model_path), "-o", str(tmp_path / "bad"), "--level-extents", value])
+        assert result.exit_code == 1 and words in result.output and value in result.output, (value, result.output)
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "bad").exists()  # refused before any output
+    for value, bounds in [("off", (0.0, None)), ("15,45", (15.0, 45.0))]:
+        out = tmp_path / value.replace(",", "-")
+        result = runner.invoke(app, ["run", str(series_dir), "-m", str(model_path), "-o", str(out), "--workers", "0", "-q", "--level-extents", value])
+        assert result.exit_code == 0, result.output
+        run = json.loads((out / "run.json").read_text())["runs"][-1]
+        thresholds = run["options"]["thresholds"] if "options" in run else run["thresholds"]
+        assert thresholds["level_min_mm"] == bounds[0]
+        if bounds[1] is None:
+            assert thresholds["level_max_mm"] is None and "between 20 mm" not in run["l3_definition"]
+            assert "Infinity" not in (out / "run.json").read_text()  # strict JSON
+        else:
+            assert thresholds["level_max_mm"] == bounds[1] and "between 15 mm" in run["l3_definition"]

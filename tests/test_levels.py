@@ -16,12 +16,17 @@ from spinelevel.levels import (
     L3_DEFINITION,
     LevelThresholds,
     SeriesLevels,
+    decode_levels,
     decode_sequence,
+    l3_definition,
     label_series,
     validate_classes,
 )
 
 SPACING = 5.0
+# The order-only decoding (no extent bounds): the flag tests below build short synthetic series
+# whose runs are shorter than any real vertebra; the extent bounds are tested on their own.
+ORDER_ONLY = LevelThresholds(level_max_mm=float("inf"))
 
 
 def _probs(labels: list[str], classes: tuple[str, ...] = CLASSES, peak: float = 0.9) -> np.ndarray:
@@ -180,11 +185,11 @@ def test_order_conflict_needs_two_slices() -> None:
     probs[2] = 0.05
     probs[2, CLASSES.index("L1")] = 0.5
     probs[2, CLASSES.index("L3")] = 0.25
-    result = label_series(probs, _z(5))
+    result = label_series(probs, _z(5), thresholds=ORDER_ONLY)
     assert result.levels == tuple(labels)
     assert result.level_argmax[2] == "L1"  # 1 of 5 = 20 %, but a single slice
     assert "order_conflict" not in result.flags
-    strict = label_series(probs, _z(5), thresholds=LevelThresholds(order_conflict_fraction=0.0))
+    strict = label_series(probs, _z(5), thresholds=LevelThresholds(order_conflict_fraction=0.0, level_max_mm=float("inf")))
     assert "order_conflict" not in strict.flags
 
 
@@ -214,10 +219,10 @@ def test_single_slice() -> None:
 
 
 def test_all_one_class_is_incomplete_so_never_short_but_may_be_long() -> None:
-    short = label_series(_probs(["L3"] * 3), _z(3, spacing=1.0))
+    short = label_series(_probs(["L3"] * 3), _z(3, spacing=1.0), thresholds=ORDER_ONLY)
     assert short.flags == ("l3_at_fov_edge",)  # not short: L3 goes on beyond both ends
     assert short.l3_index == 1
-    long = label_series(_probs(["L3"] * 20), _z(20, spacing=5.0))  # 100 mm
+    long = label_series(_probs(["L3"] * 20), _z(20, spacing=5.0), thresholds=ORDER_ONLY)  # 100 mm
     assert set(long.flags) == {"long_l3", "l3_at_fov_edge"}
     assert long.l3_index == 9
 
@@ -236,7 +241,7 @@ def test_an_l3_run_cut_by_the_field_of_view_is_flagged() -> None:
 @pytest.mark.parametrize("length", [1, 2, 3, 4, 5, 6])
 def test_l3_index_is_middle_with_ties_superior(length: int) -> None:
     labels = _runs({"L2": 3, "L3": length, "L4": 3})
-    result = label_series(_probs(labels), _z(len(labels)))
+    result = label_series(_probs(labels), _z(len(labels)), thresholds=ORDER_ONLY)
     assert result.l3_first_index == 3
     assert result.l3_last_index == 3 + length - 1
     assert result.l3_index == 3 + (length - 1) // 2
@@ -315,7 +320,7 @@ def test_short_and_long_l3_from_slice_spacing(
 ) -> None:
     # extents: 9 mm, 15 mm (not below 15), 50 mm, 65 mm
     labels = _runs({"L2": 3, "L3": l3_count, "L4": 3})
-    result = label_series(_probs(labels), _z(len(labels), spacing=spacing))
+    result = label_series(_probs(labels), _z(len(labels), spacing=spacing), thresholds=ORDER_ONLY)
     assert result.flags == ((flag,) if flag else ())
 
 
@@ -328,8 +333,8 @@ def test_short_l3_needs_a_complete_run() -> None:
 def test_descending_z_same_as_ascending() -> None:
     labels = _runs({"T": 2, "L1": 4, "L2": 4, "L3": 3, "L4": 4, "L5": 9, "S": 3})
     probs = _probs(labels)
-    up = label_series(probs, _z(len(labels), spacing=3.0))
-    down = label_series(probs, _z(len(labels), spacing=3.0, descending=True))
+    up = label_series(probs, _z(len(labels), spacing=3.0), thresholds=ORDER_ONLY)
+    down = label_series(probs, _z(len(labels), spacing=3.0, descending=True), thresholds=ORDER_ONLY)
     assert up == down
     assert set(up.flags) == {"short_l3", "possible_transitional"}
 
@@ -351,7 +356,7 @@ def test_possible_transitional_needs_a_complete_reference_run() -> None:
 
 def test_possible_transitional_l4_to_sacrum() -> None:
     labels = _runs({"L2": 3, "L3": 6, "L4": 6, "S": 4})
-    result = label_series(_probs(labels), _z(len(labels)))
+    result = label_series(_probs(labels), _z(len(labels)), thresholds=ORDER_ONLY)
     assert result.levels_present == ("L2", "L3", "L4", "S")
     assert set(result.flags) == {"possible_transitional", "skipped_level"}
 
@@ -365,7 +370,7 @@ def test_l4_to_sacrum_not_transitional_when_card_lacks_l5() -> None:
 
 def test_skipped_level() -> None:
     labels = _runs({"L1": 4, "L2": 6, "L4": 6, "L5": 4})
-    result = label_series(_probs(labels), _z(len(labels)))
+    result = label_series(_probs(labels), _z(len(labels)), thresholds=ORDER_ONLY)
     assert result.levels == tuple(labels)
     assert result.l3_index is None
     assert result.flags == ("l3_not_in_fov", "skipped_level")
@@ -405,3 +410,128 @@ def test_l3_definition_names_the_pick_and_every_flag() -> None:
         assert flag in L3_DEFINITION
     for value in ("0.5", "15 mm", "60 mm", "10%", "1.6"):
         assert value in L3_DEFINITION
+
+
+# ---------------------------------------------------------------- decode_levels (extent bounds)
+
+
+def _feasible(labels: np.ndarray, ev: np.ndarray, z: np.ndarray, k: int, lo: float, hi: float) -> bool:
+    """decode_levels' constraints written out run by run (the reference for the search below)."""
+    spacing = float(np.median(np.abs(np.diff(z)))) if len(z) > 1 else 0.0
+    upper = np.full(k, np.inf)
+    lower = np.zeros(k)
+    upper[1 : k - 1], upper[k - 2], lower[1 : k - 1] = hi, 2 * hi, lo
+    m = len(ev)
+    if any(labels[i + 1] - labels[i] > 1 and ev[i + 1] - ev[i] == 1 for i in range(m - 1)):
+        return False  # a level skipped between adjacent slices
+    i = 0
+    while i < m:
+        j = i
+        while j + 1 < m and labels[j + 1] == labels[i]:
+            j += 1
+        c = labels[i]
+        if abs(z[ev[j]] - z[ev[i]]) + spacing > upper[c]:
+            return False
+        if 0 < i and j < m - 1 and abs(z[ev[j + 1] - 1] - z[ev[i - 1] + 1]) + spacing < lower[c]:
+            return False
+        i = j + 1
+    return True
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    n=st.integers(1, 8),
+    k=st.integers(3, 5),
+    spacing=st.sampled_from([1.0, 2.5, 5.0]),
+    descending=st.booleans(),
+    bounds=st.sampled_from([(0.0, 5.0), (3.0, 8.0), (6.0, 12.0), (10.0, 20.0)]),
+    data=st.data(),
+)
+def test_decode_levels_is_the_best_labelling_within_the_bounds(
+    n: int, k: int, spacing: float, descending: bool, bounds: tuple[float, float], data: st.DataObject
+) -> None:
+    scores = data.draw(hnp.arrays(np.float64, (n, k), elements=st.floats(-8.0, 0.0)))
+    evaluated = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    evaluated[data.draw(st.integers(0, n - 1))] = True
+    z = _z(n, spacing, descending)
+    lo, hi = bounds
+    labels = decode_levels(scores, z, evaluated, lo, hi)
+    assert labels.shape == (n,) and (np.diff(labels) >= 0).all()
+    ev = np.flatnonzero(evaluated)
+    assert _feasible(labels[ev], ev, z, k, lo, hi)
+    best = max(
+        sum(scores[e, c] for e, c in zip(ev, combo))
+        for combo in itertools.combinations_with_replacement(range(k), len(ev))
+        if _feasible(np.array(combo), ev, z, k, lo, hi)
+    )
+    assert sum(scores[e, c] for e, c in zip(ev, labels[ev])) == pytest.approx(best, abs=1e-9)
+
+
+def test_decode_levels_without_bounds_is_decode_sequence() -> None:
+    rng = np.random.default_rng(3)
+    scores = np.log(rng.dirichlet(np.ones(7), size=40))
+    assert decode_levels(scores, _z(40), None, 0.0, float("inf")).tolist() == decode_sequence(scores).tolist()
+
+
+def _mixed(rows: list[dict[str, float]]) -> np.ndarray:
+    """Probabilities from per-slice {class: p} dicts, the rest spread evenly."""
+    probs = np.zeros((len(rows), len(CLASSES)), dtype=np.float32)
+    for i, row in enumerate(rows):
+        rest = (1.0 - sum(row.values())) / (len(CLASSES) - len(row))
+        probs[i] = rest
+        for name, p in row.items():
+            probs[i, CLASSES.index(name)] = p
+    return probs
+
+
+def test_extents_split_an_l3_run_that_swallowed_l4() -> None:
+    # the real whole-trunk case's failure: L4 slices read as 'more L3 than L4', so the order alone
+    # makes one 72 mm L3 run; a vertebra is not that tall, and the L4 evidence gets its run back
+    rows = [{"L2": 0.9}] * 12 + [{"L3": 0.9}] * 12 + [{"L3": 0.5, "L4": 0.4}] * 12 + [{"L5": 0.9}] * 12
+    probs = _mixed(rows)
+    z = _z(len(rows), spacing=3.0)
+    order_only = label_series(probs, z, thresholds=ORDER_ONLY)
+    assert order_only.levels.count("L3") == 24 and "long_l3" in order_only.flags
+    result = label_series(probs, z)
+    assert result.levels == tuple(["L2"] * 12 + ["L3"] * 17 + ["L4"] * 7 + ["L5"] * 12)
+    assert "extents_enforced" in result.flags and "long_l3" not in result.flags
+    assert abs(result.l3_index - 17.5) < abs(order_only.l3_index - 17.5)  # nearer the true middle
+
+
+def test_extents_restore_a_level_skipped_between_adjacent_slices() -> None:
+    # the real chest case's failure: lower L1 and L2 read as L1, one slice of L2, then L3; with L2
+    # squeezed to one slice the L3 run starts too high
+    rows = [{"T": 0.9}] * 10 + [{"L1": 0.9}] * 10 + [{"L1": 0.55, "L2": 0.35}] * 8 + [{"L3": 0.9}] * 8
+    probs = _mixed(rows)
+    z = _z(len(rows), spacing=2.5)
+    order_only = label_series(probs, z, thresholds=ORDER_ONLY)
+    assert "L2" not in order_only.levels and "skipped_level" in order_only.flags
+    result = label_series(probs, z)
+    assert result.levels.count("L2") == 8  # 20 mm, the shortest whole level
+    assert "skipped_level" not in result.flags and "extents_enforced" in result.flags
+
+
+def test_extents_let_a_run_cut_by_the_field_of_view_be_short() -> None:
+    labels = _runs({"L3": 3, "L4": 10, "L5": 10, "S": 5})  # L3 seen for 9 mm at the top
+    result = label_series(_probs(labels), _z(len(labels), spacing=3.0))
+    assert result.levels == tuple(labels) and "extents_enforced" not in result.flags
+
+
+def test_extents_allow_a_lumbarised_l5_twice_as_long() -> None:
+    # a lumbarised S1 read as L5: 84 mm of L5 stays one run, and possible_transitional says why
+    labels = _runs({"L3": 12, "L4": 12, "L5": 28, "S": 6})
+    result = label_series(_probs(labels), _z(len(labels), spacing=3.0))
+    assert result.levels == tuple(labels)
+    assert "possible_transitional" in result.flags and "extents_enforced" not in result.flags
+
+
+def test_realistic_clean_series_untouched_by_the_extents() -> None:
+    labels = _runs({"T": 20, "L1": 11, "L2": 12, "L3": 12, "L4": 13, "L5": 12, "S": 20})  # 3 mm
+    result = label_series(_probs(labels), _z(len(labels), spacing=3.0))
+    assert result.levels == tuple(labels) and result.flags == ()
+
+
+def test_l3_definition_states_the_extent_bounds() -> None:
+    assert "between 20 mm" in L3_DEFINITION and "55 mm" in L3_DEFINITION
+    assert "extents_enforced" in L3_DEFINITION
+    assert "between 20 mm" not in l3_definition(ORDER_ONLY)

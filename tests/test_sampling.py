@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spinelevel.engine.sampling import SamplingOptions, SeriesSampler, resolve_mode
-from spinelevel.levels import CLASSES, label_series
+from spinelevel.levels import CLASSES, LevelThresholds, label_series
 
 K = len(CLASSES)
 
@@ -50,15 +50,52 @@ def test_sparse_labels_equal_full_labels_for_a_consistent_model(counts: list[int
     truth = _truth(counts)
     z = -spacing * np.arange(len(truth))
     probs = _oracle(truth)
-    sampler = SeriesSampler(z, K, "sparse", SamplingOptions(stride_mm=stride))
+    order_only = LevelThresholds(level_max_mm=float("inf"))  # the truth may skip levels or be short
+    sampler = SeriesSampler(z, K, "sparse", SamplingOptions(stride_mm=stride), thresholds=order_only)
     _drive(sampler, probs)
-    sparse = label_series(sampler.probs, z, CLASSES, sampler.evaluated)
-    full = label_series(probs, z, CLASSES)
+    sparse = label_series(sampler.probs, z, CLASSES, sampler.evaluated, order_only)
+    full = label_series(probs, z, CLASSES, thresholds=order_only)
     assert sparse.levels == full.levels
     assert sparse.l3_index == full.l3_index
     # every boundary is pinned by two adjacent evaluated slices
     for i in np.flatnonzero(np.diff(truth)):
         assert sampler.evaluated[i] and sampler.evaluated[i + 1]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    first=st.integers(0, 6),
+    last_offset=st.integers(0, 6),
+    extents=st.lists(st.floats(21.0, 54.0), min_size=K, max_size=K),
+    ends=st.lists(st.integers(1, 60), min_size=2, max_size=2),
+    spacing=st.sampled_from([0.625, 1.0, 2.5, 5.0]),
+    stride=st.sampled_from([10.0, 25.0, 30.0]),
+)
+def test_sparse_equals_full_with_extent_bounds(first: int, last_offset: int, extents: list[float], ends: list[int], spacing: float, stride: float) -> None:
+    """The default decoding (extents kept): a consistent model on anatomically possible truth."""
+    last = min(K - 1, first + last_offset)
+    counts = [0] * K
+    for c in range(first, last + 1):
+        # runs of T and S take any length, as may the others where the field of view cuts them
+        # (the first and the last run) but never above the upper bound; the others an extent
+        # inside the bounds (a whole number of slices, at least 21 mm, at most 54 mm)
+        whole = max(int(np.ceil(21.0 / spacing)), int(extents[c] // spacing))
+        cut = ends[0] if c == first else ends[1]
+        if c in (first, last):
+            counts[c] = cut if c in (0, K - 1) else max(1, min(cut, int(54.0 // spacing)))
+        else:
+            counts[c] = whole
+    truth = _truth(counts)
+    z = -spacing * np.arange(len(truth))
+    probs = _oracle(truth)
+    sampler = SeriesSampler(z, K, "sparse", SamplingOptions(stride_mm=stride))
+    _drive(sampler, probs)
+    sparse = label_series(sampler.probs, z, CLASSES, sampler.evaluated)
+    full = label_series(probs, z, CLASSES)
+    assert full.levels == tuple(CLASSES[c] for c in truth)
+    assert sparse.levels == full.levels
+    assert sparse.l3_index == full.l3_index
+    assert "extents_enforced" not in full.flags
 
 
 def test_thin_series_evaluates_a_small_fraction() -> None:

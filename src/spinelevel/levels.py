@@ -24,6 +24,7 @@ __all__ = [
     "L3_DEFINITION",
     "LevelThresholds",
     "SeriesLevels",
+    "decode_levels",
     "decode_sequence",
     "label_series",
     "l3_definition",
@@ -102,7 +103,20 @@ def validate_classes(classes: Sequence[str]) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class LevelThresholds:
-    """When :func:`label_series` raises a flag. Defaults suit adult CT."""
+    """When :func:`label_series` raises a flag, and the extents its decoding keeps. Defaults suit
+    adult CT."""
+
+    # Extent bounds (mm) of a decoded run of an interior class of the card (every class but the
+    # first and the last, which absorb whatever lies beyond; with the 7 standard classes: L1-L5).
+    # An adult lumbar level (vertebral body 24-32 mm plus one disc of 7-12 mm) spans about 30-45 mm;
+    # 20-55 mm leaves room for small and large patients and for a boundary a slice or two off. The
+    # lower bound applies to runs that touch neither end of the series (a run cut by the field of
+    # view may be short); the upper one to every run. The run of the class next to the last (L5)
+    # may be twice the upper bound: a lumbarised S1 decoded as L5 makes it two vertebrae long (see
+    # 'possible_transitional'). level_max_mm = inf turns the bounds off (order only, as before
+    # issue 14's fourth round; also for paediatric CT, whose levels are shorter).
+    level_min_mm: float = 20.0
+    level_max_mm: float = 55.0
 
     # Mean probability of the decoded class (L3) over the evaluated slices of the L3 run, below
     # which the pick gets 'low_confidence'. 0.5: below it the model did not give L3 even a majority
@@ -206,6 +220,129 @@ def decode_sequence(log_probs: np.ndarray) -> np.ndarray:
     return labels
 
 
+def decode_levels(
+    log_probs: np.ndarray,
+    z_mm: np.ndarray,
+    evaluated: np.ndarray | None = None,
+    min_mm: float = 0.0,
+    max_mm: float = float("inf"),
+) -> np.ndarray:
+    """The best ordered labelling whose level runs have anatomically possible extents.
+
+    Like :func:`decode_sequence` it maximises the summed log-probability of the evaluated slices
+    over labellings that never go back up the order, and in addition:
+
+    - every run of an *interior* class (all but the first and last column) spans at most
+      ``max_mm`` (the class next to the last: ``2 * max_mm``, room for a lumbarised S1 read as L5),
+      and at least ``min_mm`` unless it reaches the first or last slice of the series;
+    - no interior class is skipped between two adjacent evaluated slices (a vertebra cannot lie
+      between two neighbouring slices); across a gap of unevaluated slices a class may be skipped,
+      as the boundary search has not yet looked there.
+
+    The decoding works on the evaluated slices only, and a run's extent is bounded from both
+    sides: at least the distance between its first and last evaluated slice, at most the distance
+    between the unevaluated slices next to its evaluated neighbours (all plus one slice spacing).
+    With every slice evaluated both are the run's true extent. Unevaluated slices then take the
+    level of the nearer evaluated slice (the superior one on a tie), as in :func:`label_series`.
+
+    The work is O(m * w * k) for m evaluated slices, k classes and w the most evaluated slices an
+    interior run may hold; every labelling into the first class is allowed, so one always exists.
+
+    Args:
+        log_probs: ``(n, k)`` log-probabilities, rows superior -> inferior; rows of unevaluated
+            slices are ignored (they may hold anything finite).
+        z_mm: ``(n,)`` slice positions, monotone.
+        evaluated: ``(n,)`` bool, default all True; at least one True.
+        min_mm: Lower extent bound of a complete interior run.
+        max_mm: Upper extent bound of an interior run; ``inf`` falls back to
+            :func:`decode_sequence` (order only).
+
+    Returns:
+        ``(n,)`` int64 class indices, non-decreasing.
+    """
+    scores_all = np.asarray(log_probs, dtype=np.float64)
+    n, k = scores_all.shape
+    z = np.asarray(z_mm, dtype=np.float64)
+    mask = np.ones(n, dtype=bool) if evaluated is None else np.asarray(evaluated, dtype=bool)
+    ev = np.flatnonzero(mask)
+    if not np.isfinite(max_mm) or k < 3:
+        filled = np.where(mask[:, None], scores_all, 0.0)
+        return _split_gaps(decode_sequence(filled), mask)
+    m = len(ev)
+    s = scores_all[ev]
+    spacing = float(np.median(np.abs(np.diff(z)))) if n > 1 else 0.0
+    cum = np.vstack([np.zeros(k), np.cumsum(s, axis=0)])  # cum[i] = sum of evaluated rows < i
+    zev = z[ev]
+    # the unevaluated slices next to each evaluated one (the run's farthest possible ends)
+    outer_above = np.where(np.arange(m) > 0, z[np.clip(np.r_[0, ev[:-1]] + 1, 0, n - 1)], np.nan)
+    outer_below = np.where(np.arange(m) < m - 1, z[np.clip(np.r_[ev[1:], n] - 1, 0, n - 1)], np.nan)
+    gap_above = np.r_[False, np.diff(ev) > 1]  # unevaluated slices between evaluated i-1 and i
+    upper = np.full(k, np.inf)
+    lower = np.zeros(k)
+    upper[1 : k - 1] = max_mm
+    upper[k - 2] = 2.0 * max_mm
+    lower[1 : k - 1] = min_mm
+    bounded = np.isfinite(upper)
+    neg = -np.inf
+    best = np.full((m, k), neg)  # best[t, c]: best labelling of rows 0..t whose class-c run ends at t
+    start = np.zeros((m, k), dtype=np.int64)
+    prefix = np.full((m, k), neg)  # prefix[s, c]: best labelling of rows < s before a class-c run
+    prev_class = np.full((m, k), -1, dtype=np.int64)
+    prefix[0] = 0.0
+    widest = max(float(upper[bounded].max()), 0.0)
+    first = 0
+    for t in range(m):
+        if t > 0:
+            prior = best[t - 1]
+            prefix[t, 1:] = prior[:-1]
+            prev_class[t, 1:] = np.arange(k - 1)
+            if gap_above[t]:
+                # across a gap a class may be skipped: the best of every class above, not only c - 1
+                run_max = np.maximum.accumulate(prior)
+                arg = np.maximum.accumulate(np.where(prior == run_max, np.arange(k), 0))
+                better = run_max[:-1] > prefix[t, 1:]
+                prefix[t, 1:] = np.where(better, run_max[:-1], prefix[t, 1:])
+                prev_class[t, 1:] = np.where(better, arg[:-1], prev_class[t, 1:])
+        # unbounded classes: extend the run ending at t - 1 or start one at t
+        if t > 0:
+            extend = best[t - 1] + s[t]
+        else:
+            extend = np.full(k, neg)
+        fresh = prefix[t] + s[t]
+        take_fresh = fresh > extend
+        best[t] = np.where(take_fresh, fresh, extend)
+        start[t] = np.where(take_fresh, t, start[t - 1] if t > 0 else 0)
+        # bounded classes: every start whose run can span at most the widest bound
+        while abs(zev[t] - zev[first]) + spacing > widest:
+            first += 1
+        starts = np.arange(first, t + 1)
+        inner = np.abs(zev[t] - zev[starts]) + spacing  # least extent of the run
+        edge = (starts == 0) | (t == m - 1)
+        outer = np.abs(outer_below[t] - outer_above[starts]) + spacing  # most extent (NaN at edges)
+        cand = prefix[starts][:, bounded] + (cum[t + 1] - cum[starts])[:, bounded]
+        ok = (inner[:, None] <= upper[bounded]) & (edge[:, None] | (np.nan_to_num(outer, nan=np.inf)[:, None] >= lower[bounded]))
+        cand = np.where(ok, cand, neg)
+        pick = np.argmax(cand, axis=0)
+        best[t, bounded] = cand[pick, np.arange(cand.shape[1])]
+        start[t, bounded] = starts[pick]
+    labels_ev = np.empty(m, dtype=np.int64)
+    c = int(np.argmax(best[m - 1]))
+    t = m - 1
+    while t >= 0:
+        s0 = int(start[t, c])
+        labels_ev[s0 : t + 1] = c
+        if s0 > 0:
+            c = int(prev_class[s0, c])
+        t = s0 - 1
+    out = np.empty(n, dtype=np.int64)
+    # unevaluated slices: the level of the slice below, then the gap split at its middle
+    out[ev] = labels_ev
+    nxt = np.searchsorted(ev, np.arange(n))
+    below = np.where(nxt < m, labels_ev[np.clip(nxt, 0, m - 1)], labels_ev[-1])
+    out[~mask] = below[~mask]
+    return _split_gaps(out, mask)
+
+
 def label_series(
     probs: np.ndarray,
     z_mm: np.ndarray,
@@ -222,7 +359,9 @@ def label_series(
     before the first and after the last evaluated slice it takes that slice's level. Confidence and
     order conflicts are judged over evaluated slices only.
 
-    The extent of a run of slices is ``|z_last - z_first|`` plus the median slice spacing, so that a
+    The labelling is :func:`decode_levels` with the thresholds' extent bounds: ordered, and every
+    interior level (L1-L5 with the standard classes) between ``level_min_mm`` and ``level_max_mm``
+    long. The extent of a run of slices is ``|z_last - z_first|`` plus the median slice spacing, so that a
     single slice counts as one spacing thick. With a single slice there is no spacing to measure and
     every extent is 0 mm; such a run touches both ends of the series, so it is never 'short_l3'.
 
@@ -243,6 +382,11 @@ def label_series(
       above ``transitional_ratio`` times the mean extent of the complete L1-L4 runs present.
     - ``skipped_level``: a card class strictly between two decoded classes does not occur (e.g. L2
       and L4 but no L3). Classes the card does not name are not missed.
+    - ``extents_enforced``: the labelling that keeps only the order (:func:`decode_sequence`)
+      differs on an evaluated slice from the reported one, which also keeps the extent bounds
+      (:func:`decode_levels`, ``level_min_mm``/``level_max_mm``): the model's own ordered answer had
+      a level too short, too long or skipped, so the reported boundaries rest on the anatomical
+      prior as much as on the image.
 
     Args:
         probs: ``(n, k)`` probabilities, ``k == len(classes)``, rows ordered superior -> inferior.
@@ -267,7 +411,8 @@ def label_series(
 
     log_probs = np.zeros(probs_arr.shape, dtype=np.float64)
     log_probs[mask] = np.log(np.clip(probs_arr[mask], _MIN_PROB, 1.0))
-    decoded = _split_gaps(decode_sequence(log_probs), mask)
+    order_only = _split_gaps(decode_sequence(log_probs), mask)
+    decoded = decode_levels(log_probs, z, mask, thresholds.level_min_mm, thresholds.level_max_mm)
 
     argmax = np.argmax(np.where(mask[:, None], probs_arr, 0.0), axis=1)
     level_argmax = tuple(names[int(a)] if m else None for a, m in zip(argmax, mask))
@@ -300,6 +445,9 @@ def label_series(
             flags.add("l3_at_fov_edge")
     else:
         flags.add("l3_not_in_fov")
+
+    if (order_only[mask] != decoded[mask]).any():
+        flags.add("extents_enforced")
 
     conflicts = int(np.count_nonzero(argmax[mask] != decoded[mask]))
     if conflicts >= 2 and conflicts / int(mask.sum()) > thresholds.order_conflict_fraction:
@@ -431,7 +579,16 @@ def l3_definition(thresholds: LevelThresholds) -> str:
     return (
         "l3_index is the middle slice ((first + last) // 2, ties to the superior slice, slice 0 "
         "most superior) of the run of slices decoded as L3 by the maximum-log-probability "
-        "labelling that keeps the anatomical order T, L1-L5, S from superior to inferior, where "
+        "labelling that keeps the anatomical order T, L1-L5, S from superior to inferior"
+        + (
+            f" and keeps every run of a class between the card's first and last between "
+            f"{t.level_min_mm:g} mm (unless cut by the field of view) and {t.level_max_mm:g} mm "
+            f"(the class before the last: {2 * t.level_max_mm:g} mm), skipping none between adjacent "
+            "evaluated slices"
+            if np.isfinite(t.level_max_mm)
+            else ""
+        )
+        + ", where "
         "unevaluated slices carry no evidence and take the level of the nearer evaluated slice, "
         "and a run's extent is |z_last - z_first| plus the median slice spacing; "
         "flags: l3_not_in_fov = no slice decoded as L3 (l3 fields null); "
@@ -445,7 +602,9 @@ def l3_definition(thresholds: LevelThresholds) -> str:
         "possible_transitional = L4 and S decoded without L5, or L5 run extent > "
         f"{t.transitional_ratio:g} x the mean extent of the L1-L4 runs touching neither end; "
         "skipped_level = a class between two decoded classes is not decoded "
-        "(e.g. L2 and L4 without L3)."
+        "(e.g. L2 and L4 without L3); "
+        "extents_enforced = the labelling that keeps the order only differs on an evaluated slice "
+        "from the one that also keeps the extents."
     )
 
 

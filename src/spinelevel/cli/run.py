@@ -13,6 +13,7 @@ import typer
 from spinelevel.cli import app
 from spinelevel.cli._common import fail_cleanly, setup_logging, stderr, terminate_as_interrupt
 from spinelevel.engine.sampling import SamplingOptions
+from spinelevel.levels import LevelThresholds
 
 
 class Sampling(str, Enum):
@@ -116,6 +117,7 @@ def run(
     stride_mm: Annotated[float, typer.Option("--stride-mm", min=1.0, help="Coarse stride of the sparse search in mm.")] = SamplingOptions.stride_mm,
     min_confidence: Annotated[float, typer.Option("--min-confidence", min=0.0, max=1.0, help="Sparse search: evaluated slices whose top probability is below this get their neighbours evaluated.")] = SamplingOptions.min_confidence,
     exact_l3: Annotated[bool, typer.Option("--exact-l3", help="Sparse search: where the L3 run or its borders are doubtful, evaluate every slice from the L2/L3 to the L3/L4 boundary, so the pick equals a full run's (costs slices).")] = False,
+    level_extents: Annotated[str, typer.Option("--level-extents", help="Shortest,longest extent in mm of a decoded L1-L5 run (the shortest only where the field of view does not cut it; L5 may be twice the longest), e.g. 20,55 for adult CT; 'off' keeps the anatomical order only (paediatric CT, or to compare).")] = "20,55",
     force: Annotated[bool, typer.Option("--force", help="Redo every series, replacing the rows earlier runs wrote into --out (default: resume, skipping series already done).")] = False,
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="Skip slices with more pixels (Rows x Columns).")] = 4096 * 4096,
     max_slices: Annotated[int, typer.Option("--max-slices", min=1, help="Skip series with more slices.")] = 5000,
@@ -154,7 +156,10 @@ def run(
     setup_logging(verbose)
     with fail_cleanly():
         local, queries = _inputs(paths, since, until, tuple(study or ()), modality, dicomweb_timeout, dicomweb_retries, dicomweb_ca, ray is not None, push_kos, dicomweb_by_instance)
+    with fail_cleanly():
+        thresholds = _level_extents(level_extents)
     options = RunOptions(
+        thresholds=thresholds,
         backend=backend,
         device=device,
         preprocess=Preprocess(preprocess).value,
@@ -272,3 +277,20 @@ def _push(extract: Path, queries, quiet: bool) -> None:  # noqa: ANN001
     if pushed.failed:
         stderr.print(f"error: {len(pushed.failed)} KOS documents could not be stored; run again to retry", markup=False, highlight=False)
         raise typer.Exit(1)
+
+
+def _level_extents(text: str) -> LevelThresholds:
+    """``--level-extents`` as the thresholds the decoding keeps: 'MIN,MAX' in mm, or 'off'."""
+    from spinelevel.errors import InputError
+
+    if text.strip().lower() == "off":
+        return LevelThresholds(level_min_mm=0.0, level_max_mm=float("inf"))
+    parts = text.split(",")
+    try:
+        low, high = (float(part) for part in parts)
+    except ValueError:
+        raise InputError(f"--level-extents {text!r}: give the shortest and longest level extent in mm, e.g. 20,55, or 'off'") from None
+    if not (0.0 <= low < high < float("inf")):
+        raise InputError(f"--level-extents {text!r}: need 0 <= shortest < longest (finite), in mm; 'off' turns the bounds off")
+    return LevelThresholds(level_min_mm=low, level_max_mm=high)
+

@@ -608,7 +608,8 @@ def manifest_entry(run_id: str, started_at: str, model: Path, model_sha: str, ca
             "force": options.force,
             "scan": asdict(options.scan),
             "select": asdict(options.select),
-            "thresholds": asdict(options.thresholds),
+            # an unbounded extent ('--level-extents off') as null: run.json stays strict JSON
+            "thresholds": {k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in asdict(options.thresholds).items()},
             "sampling": asdict(options.sampling) | {"mode": mode},
             "dicomweb": [asdict(q) for q in options.dicomweb],
             **extra_options,

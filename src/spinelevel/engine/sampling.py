@@ -4,7 +4,8 @@ Levels along a series are ordered (``T* L1* ... S*``), so the labelling of every
 the few slices around each level boundary. The sparse search:
 
 1. evaluates slices at a coarse stride chosen in millimetres (always the first and last slice);
-2. decodes the order over the evaluated slices (:func:`spinelevel.levels.decode_sequence`);
+2. decodes the order over the evaluated slices with the same extent bounds as the final labelling
+   (:func:`spinelevel.levels.decode_levels`);
 3. bisects every gap between two neighbouring evaluated slices whose decoded levels differ, until
    each boundary lies between two adjacent slices; a monotone sequence cannot hide a level between
    two samples of the same level, so nothing is missed that the model would have seen;
@@ -31,7 +32,7 @@ from typing import Literal
 
 import numpy as np
 
-from spinelevel.levels import LevelThresholds, decode_sequence, label_series
+from spinelevel.levels import LevelThresholds, decode_levels, label_series
 
 __all__ = ["SamplingOptions", "SeriesSampler", "resolve_mode"]
 
@@ -97,6 +98,8 @@ class SeriesSampler:
         self.failed = np.zeros(self.n, dtype=bool)
         self.requested = np.zeros(self.n, dtype=bool)
         self._densified = 0
+        # the decoding of the evaluated slices, kept until new probabilities arrive
+        self._decoding: tuple[np.ndarray, np.ndarray] | None = None
         spacing = float(np.median(np.abs(np.diff(self.z)))) if self.n > 1 else 1.0
         self.step = max(1, int(round(options.stride_mm / spacing))) if spacing > 0 else 1
 
@@ -115,10 +118,12 @@ class SeriesSampler:
         idx = np.asarray(indices, dtype=np.intp)
         self.probs[idx] = probs
         self.evaluated[idx] = True
+        self._decoding = None
 
     def unavailable(self, indices: list[int]) -> None:
         """Slices that could not be decoded: never asked for again."""
         self.failed[np.asarray(indices, dtype=np.intp)] = True
+        self._decoding = None
 
     def next(self) -> list[int]:
         """More slices to evaluate, or [] when the series is settled."""
@@ -159,11 +164,18 @@ class SeriesSampler:
 
     def _decoded(self) -> tuple[np.ndarray, np.ndarray]:
         """Indices of evaluated slices and their decoded class indices."""
+        if self._decoding is None:
+            self._decoding = self._decode()
+        return self._decoding
+
+    def _decode(self) -> tuple[np.ndarray, np.ndarray]:
         ev = np.flatnonzero(self.evaluated)
         if len(ev) == 0:
             return ev, ev
-        logp = np.log(np.clip(self.probs[ev].astype(np.float64), 1e-7, 1.0))
-        return ev, decode_sequence(logp)
+        logp = np.zeros(self.probs.shape, dtype=np.float64)
+        logp[ev] = np.log(np.clip(self.probs[ev].astype(np.float64), 1e-7, 1.0))
+        t = self.thresholds
+        return ev, decode_levels(logp, self.z, self.evaluated, t.level_min_mm, t.level_max_mm)[ev]
 
     def _bisect(self) -> list[int]:
         ev, dec = self._decoded()

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 # Flags of the sequence decoding that say an answer is doubtful (DESIGN 4); --skip-flagged leaves out
 # series that carry one. Acquisition findings (gantry_tilt, dropped_slices, ...) are exported with
 # their flags whatever the option.
-DOUBT_FLAGS = ("l3_not_in_fov", "low_confidence", "short_l3", "long_l3", "l3_at_fov_edge", "order_conflict", "possible_transitional", "skipped_level")
+DOUBT_FLAGS = ("l3_not_in_fov", "low_confidence", "short_l3", "long_l3", "l3_at_fov_edge", "order_conflict", "possible_transitional", "skipped_level", "extents_enforced")
 
 # How a level's pick is chosen (written into the manifest's metadata and the KOS text).
 PICK_DEFINITION = (
