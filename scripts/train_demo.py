@@ -256,11 +256,18 @@ and `v4ft` phases (issue 14: real slices were compared with phantom slices at ea
 decisions to ship them (tests/data/real_ct/results_demo_v3.md and results_demo_v4.md, each with
 trial runs that did better here but not on the phantom held-out set). Expect less on unseen real CT.
 
+The numbers here are with the engine's default decoding, which keeps plausible level extents
+(every L1-L5 run 20-55 mm, `spinelevel run --level-extents`; issue 14's fourth round). The extent
+bounds were set from anatomy, not fitted to these cases; the same model with the order-only
+decoding (`--level-extents off`), and the bounds 15-60 and 25-50 mm, are in
+tests/data/real_ct/results_extents.md.
+
 {(real_ct.split(chr(10), 1)[1] if real_ct.startswith('#') else real_ct).replace(chr(10) + '## ', chr(10) + '### ').strip()}
 
 Earlier bundled models on the same cases: `tests/data/real_ct/baseline_demo_v1.md` (preprocessing 1,
 before the `v2ft` phase), `tests/data/real_ct/results_demo_v2.md` (after `v2ft`, before `v3ft`) and
-`tests/data/real_ct/results_demo_v3.md` (after `v3ft`, before `v4ft`).
+`tests/data/real_ct/results_demo_v3.md` (after `v3ft`, before `v4ft`); this model with the
+order-only decoding: `tests/data/real_ct/results_demo_v4.md`.
 """
     (MODEL_DIR / "MODEL_CARD.md").write_text(text, encoding="utf-8")
     print(text)

@@ -273,58 +273,63 @@ def decode_levels(
     spacing = float(np.median(np.abs(np.diff(z)))) if n > 1 else 0.0
     cum = np.vstack([np.zeros(k), np.cumsum(s, axis=0)])  # cum[i] = sum of evaluated rows < i
     zev = z[ev]
-    # the unevaluated slices next to each evaluated one (the run's farthest possible ends)
-    outer_above = np.where(np.arange(m) > 0, z[np.clip(np.r_[0, ev[:-1]] + 1, 0, n - 1)], np.nan)
-    outer_below = np.where(np.arange(m) < m - 1, z[np.clip(np.r_[ev[1:], n] - 1, 0, n - 1)], np.nan)
+    rows = np.arange(m)
+    # the unevaluated slices next to each evaluated one's neighbours (a run's farthest possible ends)
+    outer_above = np.where(rows > 0, z[np.clip(np.r_[0, ev[:-1]] + 1, 0, n - 1)], np.nan)
+    outer_below = np.where(rows < m - 1, z[np.clip(np.r_[ev[1:], n] - 1, 0, n - 1)], np.nan)
     gap_above = np.r_[False, np.diff(ev) > 1]  # unevaluated slices between evaluated i-1 and i
     upper = np.full(k, np.inf)
     lower = np.zeros(k)
     upper[1 : k - 1] = max_mm
     upper[k - 2] = 2.0 * max_mm
     lower[1 : k - 1] = min_mm
-    bounded = np.isfinite(upper)
     neg = -np.inf
-    best = np.full((m, k), neg)  # best[t, c]: best labelling of rows 0..t whose class-c run ends at t
+
+    # Every start s a run ending at t may have: within the widest bound (a band of w starts).
+    along = np.abs(zev - zev[0])  # non-decreasing along the series
+    widest = float(upper[np.isfinite(upper)].max())
+    first = np.searchsorted(along, along - (widest - spacing), side="left")
+    w = int((rows - first).max()) + 1
+    starts = rows[:, None] - np.arange(w)[None, :]  # (m, w): starts[t, j] = t - j
+    in_band = starts >= first[:, None]
+    starts = np.where(in_band, starts, 0)
+    inner = np.abs(zev[:, None] - zev[starts]) + spacing  # least extent of the run starts..t
+    outer = np.abs(outer_below[:, None] - outer_above[starts]) + spacing  # most extent (NaN at edges)
+    outer = np.where(np.isnan(outer), np.inf, outer)
+    edge = (starts == 0) | (rows == m - 1)[:, None]
+
+    # Class by class (a run of c follows a run of c - 1, or of any class above across a gap):
+    # best[t, c] is the best labelling of rows 0..t whose class-c run ends at t.
+    best = np.full((m, k), neg)
     start = np.zeros((m, k), dtype=np.int64)
-    prefix = np.full((m, k), neg)  # prefix[s, c]: best labelling of rows < s before a class-c run
     prev_class = np.full((m, k), -1, dtype=np.int64)
-    prefix[0] = 0.0
-    widest = max(float(upper[bounded].max()), 0.0)
-    first = 0
-    for t in range(m):
-        if t > 0:
-            prior = best[t - 1]
-            prefix[t, 1:] = prior[:-1]
-            prev_class[t, 1:] = np.arange(k - 1)
-            if gap_above[t]:
-                # across a gap a class may be skipped: the best of every class above, not only c - 1
-                run_max = np.maximum.accumulate(prior)
-                arg = np.maximum.accumulate(np.where(prior == run_max, np.arange(k), 0))
-                better = run_max[:-1] > prefix[t, 1:]
-                prefix[t, 1:] = np.where(better, run_max[:-1], prefix[t, 1:])
-                prev_class[t, 1:] = np.where(better, arg[:-1], prev_class[t, 1:])
-        # unbounded classes: extend the run ending at t - 1 or start one at t
-        if t > 0:
-            extend = best[t - 1] + s[t]
+    above_max = np.full(m, neg)  # max over classes c' < c of best[t, c'] so far
+    above_arg = np.full(m, -1, dtype=np.int64)
+    for c in range(k):
+        prefix = np.full(m, neg)  # best labelling of rows < s before a class-c run starting at s
+        prefix[0] = 0.0
+        if c > 0:
+            prefix[1:] = best[:-1, c - 1]
+            prev_class[1:, c] = c - 1
+            skip = gap_above[1:] & (above_max[:-1] > prefix[1:])
+            prefix[1:] = np.where(skip, above_max[:-1], prefix[1:])
+            prev_class[1:, c] = np.where(skip, above_arg[:-1], prev_class[1:, c])
+        value = prefix - cum[:-1, c]  # a run s..t scores value[s] + cum[t + 1, c]
+        if np.isfinite(upper[c]):
+            ok = in_band & (inner <= upper[c]) & (edge | (outer >= lower[c]))
+            cand = np.where(ok, value[starts], neg)
+            j = np.argmax(cand, axis=1)
+            best[:, c] = cand[rows, j] + cum[1:, c]
+            start[:, c] = starts[rows, j]
         else:
-            extend = np.full(k, neg)
-        fresh = prefix[t] + s[t]
-        take_fresh = fresh > extend
-        best[t] = np.where(take_fresh, fresh, extend)
-        start[t] = np.where(take_fresh, t, start[t - 1] if t > 0 else 0)
-        # bounded classes: every start whose run can span at most the widest bound
-        while abs(zev[t] - zev[first]) + spacing > widest:
-            first += 1
-        starts = np.arange(first, t + 1)
-        inner = np.abs(zev[t] - zev[starts]) + spacing  # least extent of the run
-        edge = (starts == 0) | (t == m - 1)
-        outer = np.abs(outer_below[t] - outer_above[starts]) + spacing  # most extent (NaN at edges)
-        cand = prefix[starts][:, bounded] + (cum[t + 1] - cum[starts])[:, bounded]
-        ok = (inner[:, None] <= upper[bounded]) & (edge[:, None] | (np.nan_to_num(outer, nan=np.inf)[:, None] >= lower[bounded]))
-        cand = np.where(ok, cand, neg)
-        pick = np.argmax(cand, axis=0)
-        best[t, bounded] = cand[pick, np.arange(cand.shape[1])]
-        start[t, bounded] = starts[pick]
+            running = np.maximum.accumulate(value)
+            best[:, c] = running + cum[1:, c]
+            start[:, c] = np.maximum.accumulate(np.where(value == running, rows, 0))
+        if c > 0:
+            better = best[:, c - 1] > above_max
+            above_max = np.where(better, best[:, c - 1], above_max)
+            above_arg = np.where(better, c - 1, above_arg)
+
     labels_ev = np.empty(m, dtype=np.int64)
     c = int(np.argmax(best[m - 1]))
     t = m - 1
@@ -335,10 +340,10 @@ def decode_levels(
             c = int(prev_class[s0, c])
         t = s0 - 1
     out = np.empty(n, dtype=np.int64)
-    # unevaluated slices: the level of the slice below, then the gap split at its middle
+    # unevaluated slices: the level of the evaluated slice below, then each gap split at its middle
     out[ev] = labels_ev
     nxt = np.searchsorted(ev, np.arange(n))
-    below = np.where(nxt < m, labels_ev[np.clip(nxt, 0, m - 1)], labels_ev[-1])
+    below = labels_ev[np.clip(nxt, 0, m - 1)]
     out[~mask] = below[~mask]
     return _split_gaps(out, mask)
 
