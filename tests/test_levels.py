@@ -20,6 +20,7 @@ from spinelevel.levels import (
     decode_sequence,
     l3_definition,
     label_series,
+    long_class_index,
     validate_classes,
 )
 
@@ -535,3 +536,16 @@ def test_l3_definition_states_the_extent_bounds() -> None:
     assert "between 20 mm" in L3_DEFINITION and "55 mm" in L3_DEFINITION
     assert "extents_enforced" in L3_DEFINITION
     assert "between 20 mm" not in l3_definition(ORDER_ONLY)
+
+
+def test_the_doubled_extent_belongs_to_l5_whatever_the_card() -> None:
+    # a card without S: L5 is its last class (unbounded, absorbs the sacrum); L4 keeps 55 mm
+    classes = ("T", "L1", "L2", "L3", "L4", "L5")
+    labels = _runs({"L2": 12, "L3": 12, "L4": 24, "L5": 10})  # a 72 mm L4 of 3 mm slices
+    result = label_series(_probs(labels, classes), _z(len(labels), spacing=3.0), classes=classes)
+    assert result.levels.count("L4") <= 18 and "extents_enforced" in result.flags
+    assert long_class_index(classes) is None and long_class_index(CLASSES) == CLASSES.index("L5")
+    # the standard card: an 84 mm L5 stands (test_extents_allow_a_lumbarised_l5_twice_as_long), an
+    # 84 mm L4 does not
+    labels = _runs({"L3": 12, "L4": 28, "L5": 12, "S": 6})
+    assert "extents_enforced" in label_series(_probs(labels), _z(len(labels), spacing=3.0)).flags

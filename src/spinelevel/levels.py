@@ -28,6 +28,7 @@ __all__ = [
     "decode_sequence",
     "label_series",
     "l3_definition",
+    "long_class_index",
     "validate_classes",
 ]
 
@@ -226,6 +227,7 @@ def decode_levels(
     evaluated: np.ndarray | None = None,
     min_mm: float = 0.0,
     max_mm: float = float("inf"),
+    long_class: int | None = -2,
 ) -> np.ndarray:
     """The best ordered labelling whose level runs have anatomically possible extents.
 
@@ -233,8 +235,9 @@ def decode_levels(
     over labellings that never go back up the order, and in addition:
 
     - every run of an *interior* class (all but the first and last column) spans at most
-      ``max_mm`` (the class next to the last: ``2 * max_mm``, room for a lumbarised S1 read as L5),
-      and at least ``min_mm`` unless it reaches the first or last slice of the series;
+      ``max_mm`` (column ``long_class``, by default the one before the last, i.e. L5 of the
+      standard classes: ``2 * max_mm``, room for a lumbarised S1 read as L5), and at least ``min_mm``
+      unless it reaches the first or last slice of the series;
     - no interior class is skipped between two adjacent evaluated slices (a vertebra cannot lie
       between two neighbouring slices); across a gap of unevaluated slices a class may be skipped,
       as the boundary search has not yet looked there.
@@ -256,6 +259,8 @@ def decode_levels(
         min_mm: Lower extent bound of a complete interior run.
         max_mm: Upper extent bound of an interior run; ``inf`` falls back to
             :func:`decode_sequence` (order only).
+        long_class: Column whose run may span ``2 * max_mm`` (negative: from the end), or None;
+            :func:`long_class_index` gives it for a card's classes.
 
     Returns:
         ``(n,)`` int64 class indices, non-decreasing.
@@ -281,7 +286,8 @@ def decode_levels(
     upper = np.full(k, np.inf)
     lower = np.zeros(k)
     upper[1 : k - 1] = max_mm
-    upper[k - 2] = 2.0 * max_mm
+    if long_class is not None and 0 < long_class % k < k - 1:
+        upper[long_class % k] = 2.0 * max_mm
     lower[1 : k - 1] = min_mm
     neg = -np.inf
 
@@ -346,6 +352,16 @@ def decode_levels(
     below = labels_ev[np.clip(nxt, 0, m - 1)]
     out[~mask] = below[~mask]
     return _split_gaps(out, mask)
+
+
+def long_class_index(classes: Sequence[str]) -> int | None:
+    """The column of ``classes`` whose run :func:`decode_levels` lets span twice the longest level:
+    L5 (a lumbarised S1 read as L5 is two vertebrae), where the card has it between its first and
+    last class; otherwise None."""
+    names = tuple(classes)
+    if "L5" in names and 0 < names.index("L5") < len(names) - 1:
+        return names.index("L5")
+    return None
 
 
 def label_series(
@@ -417,7 +433,7 @@ def label_series(
     log_probs = np.zeros(probs_arr.shape, dtype=np.float64)
     log_probs[mask] = np.log(np.clip(probs_arr[mask], _MIN_PROB, 1.0))
     order_only = _split_gaps(decode_sequence(log_probs), mask)
-    decoded = decode_levels(log_probs, z, mask, thresholds.level_min_mm, thresholds.level_max_mm)
+    decoded = decode_levels(log_probs, z, mask, thresholds.level_min_mm, thresholds.level_max_mm, long_class_index(names))
 
     argmax = np.argmax(np.where(mask[:, None], probs_arr, 0.0), axis=1)
     level_argmax = tuple(names[int(a)] if m else None for a, m in zip(argmax, mask))
@@ -588,7 +604,7 @@ def l3_definition(thresholds: LevelThresholds) -> str:
         + (
             f" and keeps every run of a class between the card's first and last between "
             f"{t.level_min_mm:g} mm (unless cut by the field of view) and {t.level_max_mm:g} mm "
-            f"(the class before the last: {2 * t.level_max_mm:g} mm), skipping none between adjacent "
+            f"(L5: {2 * t.level_max_mm:g} mm), skipping none between adjacent "
             "evaluated slices"
             if np.isfinite(t.level_max_mm)
             else ""

@@ -32,7 +32,7 @@ from typing import Literal
 
 import numpy as np
 
-from spinelevel.levels import LevelThresholds, decode_levels, label_series
+from spinelevel.levels import LevelThresholds, decode_levels, label_series, long_class_index
 
 __all__ = ["SamplingOptions", "SeriesSampler", "resolve_mode"]
 
@@ -175,7 +175,8 @@ class SeriesSampler:
         logp = np.zeros(self.probs.shape, dtype=np.float64)
         logp[ev] = np.log(np.clip(self.probs[ev].astype(np.float64), 1e-7, 1.0))
         t = self.thresholds
-        return ev, decode_levels(logp, self.z, self.evaluated, t.level_min_mm, t.level_max_mm)[ev]
+        long = long_class_index(self.classes) if self.classes is not None else -2
+        return ev, decode_levels(logp, self.z, self.evaluated, t.level_min_mm, t.level_max_mm, long)[ev]
 
     def _bisect(self) -> list[int]:
         ev, dec = self._decoded()
