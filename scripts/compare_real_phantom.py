@@ -1,6 +1,6 @@
 """Real CT next to phantoms, level by level, as the model sees them (issue 14's diagnosis picture).
 
-One row per level (L1..L5, S1): the middle labelled slice of a real case (its three card windows), then
+One row per level (T12, L1..L5, S1): the middle labelled slice of a real case (its three card windows), then
 the soft-tissue channel of the middle slice of that level in a few phantom studies, all after the
 card's preprocessing (field of view, windows, resize). Uses a case folder that
 ``scripts/real_ct_eval.py`` wrote (``OUT/cases/totalseg_example_ct``). Validation data only: the
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-LEVELS = ("L1", "L2", "L3", "L4", "L5", "S")
+LEVELS = ("T12", "L1", "L2", "L3", "L4", "L5", "S")
 
 
 def main() -> None:
@@ -47,8 +47,9 @@ def main() -> None:
     labels = pd.read_parquet(args.case / "labels.parquet")
     real = []
     for level in LEVELS:
-        rows = labels[labels.level == level].sort_values("z_mm", ascending=False)
+        rows = labels[labels.level == ("T" if level == "T12" else level)].sort_values("z_mm", ascending=False)
         rows = rows.iloc[: max(1, len(rows) // 3)] if level == "S" else rows  # S1, not the lower sacrum
+        rows = rows.iloc[-max(1, len(rows) // 3) :] if level == "T12" else rows  # the lowest thoracic slices
         ds = pydicom.dcmread(args.case / rows.iloc[len(rows) // 2]["path"])
         hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
         x = model_input(hu, tuple(float(v) for v in ds.PixelSpacing))
