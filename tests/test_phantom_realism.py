@@ -236,3 +236,50 @@ def test_paraspinal_fat_grows_caudally() -> None:
     z = (vert.top_z + vert.bottom_z) / 2
     r0, _ = _pixel(spec, a, z, 0.0, a.frame(z)["sy"])
     assert np.nonzero(l5)[0].min() > r0
+
+
+def test_t11_t12_are_transitional_with_short_transverse_processes() -> None:
+    # T1-T10 carry long transverse processes out to their ribs; T11's is short and T12's a tubercle
+    spec = _spec()
+    anatomy = Anatomy(spec)
+    anatomy.ribs = []  # the processes alone
+
+    def lateral_bone(name: str) -> int:
+        vert = anatomy.vert[name]
+        z = vert.top_z - 0.45 * vert.height  # where the transverse processes are drawn
+        img = anatomy.render(z)
+        f = anatomy.frame(z)
+        cv_ = f["sy"] + anatomy._depth(z) + 7.0 + 1.0  # the thoracic canal centre (cr_y 7)
+        out = 0
+        for side in (-1.0, 1.0):
+            for u in np.arange(8.0 + 4.0 + 12.0, 8.0 + 4.0 + 30.0, 1.0):  # beyond 12 mm of process
+                for v in np.arange(cv_ - 6.0, cv_ + 16.0, 1.0):
+                    r, c = _pixel(spec, anatomy, z, side * u, v)
+                    out += int(img[r, c] > 300)
+        return out
+
+    t10, t11, t12 = lateral_bone("T10"), lateral_bone("T11"), lateral_bone("T12")
+    assert t10 > 20 and 0 < t11 < t10 and t12 == 0
+
+
+def test_floating_ribs_have_no_neck_bar_at_their_head() -> None:
+    # a typical rib's neck runs flat from the body to the transverse process (one slice shows it as
+    # a bar); ribs 11-12 articulate with the body alone and slope down at once
+    spec = _spec()
+    anatomy = Anatomy(spec)
+
+    def neck_bone(k: int) -> int:
+        vert = anatomy.vert[f"T{k}"]
+        z = vert.top_z - 0.25 * vert.height  # the rib head's level
+        img = anatomy.render(z)
+        f = anatomy.frame(z)
+        out = 0
+        for side in (-1.0, 1.0):
+            for u in np.arange(26.0, 38.0, 1.0):  # beyond the head and T12's transverse tubercle
+                for v in np.arange(f["sy"], f["sy"] + anatomy._depth(z) + 7.0 + 14.0, 1.0):
+                    r, c = _pixel(spec, anatomy, z, side * u, v)
+                    out += int(img[r, c] > 300)
+        return out
+
+    assert neck_bone(9) > 10 and neck_bone(10) > 10
+    assert neck_bone(12) < 0.2 * neck_bone(10)

@@ -217,7 +217,13 @@ class Anatomy:
         pts = np.concatenate([neck, wall], axis=0)
         drop = {1: 22.0, 2: 38.0, 3: 50.0, 11: 40.0, 12: 28.0}.get(k, 62.0) * (self.spec.half_width / 155.0) ** 0.5
         frac = (th - th0) / (th1 - th0)
-        z = np.concatenate([[z_head + 2.0, z_head], z_head - 3.0 - drop * frac**1.5])
+        if k >= 11:
+            # floating ribs: the head articulates with the body alone (no tubercle on a transverse
+            # process), and neck and shaft slope steeply down, so no slice holds the long neck bar
+            # of a typical rib (real T11-T12 slices show the head by the body and short pieces)
+            z = np.concatenate([[z_head, z_head - 10.0], z_head - 12.0 - drop * frac])
+        else:
+            z = np.concatenate([[z_head + 2.0, z_head], z_head - 3.0 - drop * frac**1.5])
         cart = 0.78 if k <= 10 else 2.0
         return pts, z, cart
 
@@ -607,8 +613,9 @@ class Anatomy:
                     cv.polyline(pts, rad, self.cortex)
                     cv.polyline(pts, rad - 1.6, bone)
             else:
+                reach, back = _thoracic_transverse(vert.number)
                 for side in (-1.0, 1.0):
-                    pts = np.array([[sx + side * (cr_x + 4), cv_], [sx + side * (cr_x + 26), cv_ + 12.0]])
+                    pts = np.array([[sx + side * (cr_x + 4), cv_], [sx + side * (cr_x + 4 + reach), cv_ + back]])
                     cv.polyline(pts, 4.5, self.cortex)
                     cv.polyline(pts, 2.8, bone)
         # facets: superior articular processes at the top, inferior ones at the bottom
@@ -622,10 +629,11 @@ class Anatomy:
             back = cv_ + cr_y + 4.0
             pts = np.array([[sx - cr_x - 4, cv_ + 2], [sx - 3, back], [sx + 3, back], [sx + cr_x + 4, cv_ + 2]])
             cv.polyline(pts, 3.2, self.cortex)
-        # spinous process: lumbar straight back, thoracic long and sloping down (seen lower)
-        if lumbar and 0.45 < t < 1.2:
+        # spinous process: lumbar (and the transitional T11-T12) straight back, thoracic long and
+        # sloping down (seen lower)
+        if (lumbar or vert.number >= 11) and 0.45 < t < 1.2:
             base = cv_ + cr_y + 4.0
-            tip = min(base + 26.0 + 2 * vert.number, self._back_muscle - 6.0)
+            tip = min(base + (26.0 + 2 * vert.number if lumbar else 24.0), self._back_muscle - 6.0)
             pts = np.array([[sx, base], [sx, max(tip, base + 8.0)]])
             cv.polyline(pts, 4.5, self.cortex)
             cv.polyline(pts, 2.8, bone)
@@ -755,6 +763,15 @@ class Anatomy:
                 ala = {1: 32.0, 2: 24.0, 3: 15.0}.get(vert.number, 0.0)
                 return vert.half_width + ala - 4 + 4
         return 0.0
+
+
+def _thoracic_transverse(number: int) -> tuple[float, float]:
+    """Length (mm, lateral) and posterior reach (mm) of the transverse process of thoracic vertebra
+    ``number``. T1-T10 carry long processes pointing back and out to their rib's tubercle; T11's is
+    short and has no rib facet, and T12's is only a small tubercle (its ribs articulate with the
+    bodies alone): T11-T12 are transitional, lumbar-like vertebrae, which real CT of the lower
+    chest shows (the phantom's long T12 processes made real T11-T12 read as L1)."""
+    return {11: (12.0, 5.0), 12: (6.0, 1.5)}.get(number, (22.0, 12.0))
 
 
 def render_slice(spec: StudySpec, z: float, anatomy: Anatomy | None = None) -> np.ndarray:
