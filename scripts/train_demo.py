@@ -240,7 +240,7 @@ History (history.csv):
 ## Held-out evaluation
 
 `spinelevel run` (ONNX Runtime, CPU) then `spinelevel evaluate` on
-`spinelevel phantom --studies {RECIPE['datasets']['test'][1]} --seed {RECIPE['datasets']['test'][0]} --size {RECIPE['size']}` (studies never seen in training; the shipped numbers are on the set written by the generator before issue 14's phantom changes, so its phantoms look like the older training sets (`ft`), not like `ft14` or `ft15`; tests/data/real_ct/results_demo_v3.md and results_demo_v4.md also have sets of the newer generators):
+`spinelevel phantom --studies {RECIPE['datasets']['test'][1]} --seed {RECIPE['datasets']['test'][0]} --size {RECIPE['size']}` (studies never seen in training; the shipped numbers are on the set written by the generator before issue 14's phantom changes, so its phantoms look like the older training sets (`ft`), not like `ft14`, `ft15` or `ft16`; tests/data/real_ct/results_demo_v3.md, results_demo_v4.md and results_demo_v5.md also have sets of the newer generators):
 
 | metric | value |
 | --- | --- |
@@ -258,23 +258,25 @@ History (history.csv):
 
 ## Real CT (scripts/real_ct_eval.py; validation only, never used for training)
 
-These three cases are not an independent test: they informed the phantom changes of the `v3ft`
-and `v4ft` phases (issue 14: real slices were compared with phantom slices at each level) and the
-decisions to ship them (tests/data/real_ct/results_demo_v3.md and results_demo_v4.md, each with
-trial runs that did better here but not on the phantom held-out set). Expect less on unseen real CT.
+These three cases are not an independent test: they informed the phantom changes of the `v3ft`,
+`v4ft` and `v5ft` phases (issue 14: real slices were compared with phantom slices at each level) and
+the decisions to ship them (tests/data/real_ct/results_demo_v3.md, results_demo_v4.md and
+results_demo_v5.md, with trial and control runs). Expect less on unseen real CT.
 
 The numbers here are with the engine's default decoding, which keeps plausible level extents
 (every L1-L5 run 20-55 mm, `spinelevel run --level-extents`; issue 14's fourth round). The extent
 bounds were set from anatomy, not fitted to these cases; the same model with the order-only
 decoding (`--level-extents off`), and the bounds 15-60 and 25-50 mm, are in
-tests/data/real_ct/results_extents.md.
+tests/data/real_ct/results_extents.md (for the previous model, `v4ft`).
 
 {(real_ct.split(chr(10), 1)[1] if real_ct.startswith('#') else real_ct).replace(chr(10) + '## ', chr(10) + '### ').strip()}
 
 Earlier bundled models on the same cases: `tests/data/real_ct/baseline_demo_v1.md` (preprocessing 1,
 before the `v2ft` phase), `tests/data/real_ct/results_demo_v2.md` (after `v2ft`, before `v3ft`) and
-`tests/data/real_ct/results_demo_v3.md` (after `v3ft`, before `v4ft`); this model with the
-order-only decoding: `tests/data/real_ct/results_demo_v4.md`.
+`tests/data/real_ct/results_demo_v3.md` (after `v3ft`, before `v4ft`),
+`tests/data/real_ct/results_demo_v4.md` (`v4ft`, order-only decoding) and
+`tests/data/real_ct/results_extents.md` (`v4ft` with and without the extent bounds); `v5ft` against
+`v4ft` and a control fine-tune: `tests/data/real_ct/results_demo_v5.md`.
 """
     (MODEL_DIR / "MODEL_CARD.md").write_text(text, encoding="utf-8")
     print(text)
