@@ -112,9 +112,9 @@ class LevelThresholds:
     # An adult lumbar level (vertebral body 24-32 mm plus one disc of 7-12 mm) spans about 30-45 mm;
     # 20-55 mm leaves room for small and large patients and for a boundary a slice or two off. The
     # lower bound applies to runs that touch neither end of the series (a run cut by the field of
-    # view may be short); the upper one to every run. The run of the class next to the last (L5)
-    # may be twice the upper bound: a lumbarised S1 decoded as L5 makes it two vertebrae long (see
-    # 'possible_transitional'). level_max_mm = inf turns the bounds off (order only, as before
+    # view may be short); the upper one to every run. The L5 run (where L5 is an interior class of
+    # the card, long_class_index) may be twice the upper bound: a lumbarised S1 decoded as L5 makes
+    # it two vertebrae long (see 'possible_transitional'). level_max_mm = inf turns the bounds off (order only, as before
     # issue 14's fourth round; also for paediatric CT, whose levels are shorter).
     level_min_mm: float = 20.0
     level_max_mm: float = 55.0
