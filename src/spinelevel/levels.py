@@ -354,6 +354,16 @@ def decode_levels(
     return _split_gaps(out, mask)
 
 
+def log_evidence(probs: np.ndarray, evaluated: np.ndarray) -> np.ndarray:
+    """Log-probabilities for the decoders: clipped to ``[1e-7, 1]`` on evaluated rows, 0 (no
+    evidence) on the others, whatever they hold (NaN included)."""
+    probs = np.asarray(probs)
+    mask = np.asarray(evaluated, dtype=bool)
+    out = np.zeros(probs.shape, dtype=np.float64)
+    out[mask] = np.log(np.clip(probs[mask].astype(np.float64), _MIN_PROB, 1.0))
+    return out
+
+
 def long_class_index(classes: Sequence[str]) -> int | None:
     """The column of ``classes`` whose run :func:`decode_levels` lets span twice the longest level:
     L5 (a lumbarised S1 read as L5 is two vertebrae), where the card has it between its first and
@@ -430,10 +440,10 @@ def label_series(
     probs_arr, z, mask = _check_inputs(probs, z_mm, evaluated, len(names))
     n = probs_arr.shape[0]
 
-    log_probs = np.zeros(probs_arr.shape, dtype=np.float64)
-    log_probs[mask] = np.log(np.clip(probs_arr[mask], _MIN_PROB, 1.0))
-    order_only = _split_gaps(decode_sequence(log_probs), mask)
+    log_probs = log_evidence(probs_arr, mask)
     decoded = decode_levels(log_probs, z, mask, thresholds.level_min_mm, thresholds.level_max_mm, long_class_index(names))
+    # without an upper extent bound decode_levels is the order-only decoding itself
+    order_only = _split_gaps(decode_sequence(log_probs), mask) if np.isfinite(thresholds.level_max_mm) else decoded
 
     argmax = np.argmax(np.where(mask[:, None], probs_arr, 0.0), axis=1)
     level_argmax = tuple(names[int(a)] if m else None for a, m in zip(argmax, mask))

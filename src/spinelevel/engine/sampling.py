@@ -32,7 +32,7 @@ from typing import Literal
 
 import numpy as np
 
-from spinelevel.levels import LevelThresholds, decode_levels, label_series, long_class_index
+from spinelevel.levels import LevelThresholds, decode_levels, label_series, log_evidence, long_class_index
 
 __all__ = ["SamplingOptions", "SeriesSampler", "resolve_mode"]
 
@@ -172,8 +172,7 @@ class SeriesSampler:
         ev = np.flatnonzero(self.evaluated)
         if len(ev) == 0:
             return ev, ev
-        logp = np.zeros(self.probs.shape, dtype=np.float64)
-        logp[ev] = np.log(np.clip(self.probs[ev].astype(np.float64), 1e-7, 1.0))
+        logp = log_evidence(self.probs, self.evaluated)
         t = self.thresholds
         long = long_class_index(self.classes) if self.classes is not None else -2
         return ev, decode_levels(logp, self.z, self.evaluated, t.level_min_mm, t.level_max_mm, long)[ev]
