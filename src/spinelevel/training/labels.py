@@ -181,7 +181,9 @@ def dominant_levels(masks: Mapping[str, np.ndarray], axis: int = 2, dominance: f
 
     Returns:
         One entry per index along ``axis`` (in the masks' own order): the class of the dominant
-        vertebra, or None (no vertebral pixels, no dominant vertebra, or a vertebra without class).
+        vertebra, or None (no vertebral pixels, no dominant vertebra, a vertebra without class, or,
+        at an end of a partly labelled spine, a slice past the end vertebra's body: see
+        :func:`_trim_open_ends`).
 
     Raises:
         InputError: masks is empty, shapes differ, or a name is not a vertebra.
@@ -205,7 +207,46 @@ def dominant_levels(masks: Mapping[str, np.ndarray], axis: int = 2, dominance: f
             continue
         v = int(best[k])
         out.append(classes[v] if areas[v, k] >= dominance * total[k] else None)
+    _trim_open_ends(names, areas, out)
     return out
+
+
+def _rank(name: str) -> float:
+    """Cranio-caudal rank of a vertebra name (C1 ... T12, T13, L1 ... L6, sacrum, coccyx)."""
+    key = name.strip().upper()
+    if key in ("SACRUM", "COCCYX"):
+        return 400.0 + (key == "COCCYX")
+    return {"C": 0.0, "T": 100.0, "L": 200.0, "S": 300.0}[key[0]] + float(key[1:])
+
+
+def _trim_open_ends(names: list[str], areas: np.ndarray, out: list[str | None]) -> None:
+    """Unlabel the slices past the body of an end vertebra whose neighbour is in view but unlabelled.
+
+    A partly labelled spine (VerSe cases labelled down to L3 only, say) has the first unlabelled
+    vertebra in the image: past the last labelled body the slices hold the disc and that
+    neighbour's body, while the labelled vertebra's articular processes reach into them and would
+    make it dominant there. On the far side of the end vertebra's centroid, the slices where its
+    area is under half its largest are unlabelled - unless its mask reaches the end of the volume
+    (cut by the field of view: nothing of the neighbour is seen) or it is sacral or C1.
+    """
+    if len(names) < 2:
+        return
+    order = sorted(range(len(names)), key=lambda i: _rank(names[i]))
+    ks = np.arange(areas.shape[1], dtype=np.float64)
+    centroid = {i: float((areas[i] * ks).sum() / areas[i].sum()) for i in order if areas[i].sum()}
+    for end, inner in ((order[-1], order[-2]), (order[0], order[1])):
+        if vertebra_class(names[end]) == "S" or _rank(names[end]) == 1.0 or end not in centroid or inner not in centroid:
+            continue
+        present = np.flatnonzero(areas[end])
+        outward = -1 if centroid[inner] > centroid[end] else 1  # index direction away from the inner one
+        if (outward < 0 and present.min() == 0) or (outward > 0 and present.max() == areas.shape[1] - 1):
+            continue  # cut by the field of view
+        c = centroid[end]
+        beyond = ks < c if outward < 0 else ks > c
+        thin = areas[end] < 0.5 * areas[end].max()
+        for k in np.flatnonzero(beyond & thin):
+            if out[k] == vertebra_class(names[end]):
+                out[k] = None
 
 
 def canonical_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
