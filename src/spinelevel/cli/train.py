@@ -80,7 +80,7 @@ def train(
     samples_per_epoch: Annotated[int | None, typer.Option("--samples-per-epoch", min=1, help="Random training slices per epoch (default: all).")] = None,
     max_val_slices: Annotated[int | None, typer.Option("--max-val-slices", min=1, help="Validate on at most this many (evenly spaced) slices.")] = None,
     no_augment: Annotated[bool, typer.Option("--no-augment", help="Switch augmentation off.")] = False,
-    augment: Annotated[str, typer.Option("--augment", help="paper (rotation, zoom, flips) or domain (the paper's plus field-of-view crops, HU scale/shift, blur/sharpen and noise: for phantoms towards real CT).")] = "paper",
+    augment: Annotated[str, typer.Option("--augment", help="paper (rotation, zoom, flips) domain (the paper's plus field-of-view crops, HU scale/shift, blur/sharpen and noise: for phantoms towards real CT) or domain-spine (domain plus spine-centred cut-outs in a quarter of the slices, as spine CT is often shared).")] = "paper",
     freeze_bn: Annotated[bool, typer.Option("--freeze-bn", help="Keep BatchNorm statistics fixed while training (always on when --pretrained is an .onnx).")] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="PyTorch CPU threads (default: all cores).")] = None,
@@ -137,10 +137,11 @@ def train(
 
 def _augment_spec(name: str, off: bool):  # noqa: ANN202 - AugmentSpec
     from spinelevel.errors import InputError
-    from spinelevel.training.augment import DOMAIN_RANDOMISATION, AugmentSpec
+    from spinelevel.training.augment import DOMAIN_RANDOMISATION, DOMAIN_SPINE, AugmentSpec
 
-    if name not in ("paper", "domain"):
+    specs = {"paper": AugmentSpec(), "domain": DOMAIN_RANDOMISATION, "domain-spine": DOMAIN_SPINE}
+    if name not in specs:
         with fail_cleanly():
-            raise InputError(f"--augment {name!r}: choose paper or domain")
-    spec = DOMAIN_RANDOMISATION if name == "domain" else AugmentSpec()
+            raise InputError(f"--augment {name!r}: choose paper, domain or domain-spine")
+    spec = specs[name]
     return AugmentSpec(enabled=False) if off else spec

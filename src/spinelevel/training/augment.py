@@ -1,7 +1,8 @@
 """Augmentation of training slices: rotation, zoom, vertical and horizontal flip (the paper's set),
 and, for training on phantoms towards real CT, domain randomisation (off by default): random crops
-of the field of view (to non-square slices, as real reconstructions and spine-centred crops are),
-HU scale and shift, blur or sharpening (reconstruction kernels) and extra noise.
+of the field of view (to non-square slices, as real reconstructions are), HU scale and shift, blur
+or sharpening (reconstruction kernels) and extra noise; and, in ``domain-spine``, spine-centred
+cut-outs as spine CT is often reconstructed or shared (VerSe: about 105 x 190 mm around the spine).
 
 Augmentation is applied to the **HU image**, before the engine's own preprocessing
 (:func:`spinelevel.engine.preprocess.preprocess_slice`), so the windowing, resize and normalisation
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["AugmentSpec", "AugmentParams", "DOMAIN_RANDOMISATION", "draw_params", "augment_hu"]
+__all__ = ["AugmentSpec", "AugmentParams", "DOMAIN_RANDOMISATION", "DOMAIN_SPINE", "draw_params", "augment_hu", "spine_centre"]
 
 _AIR_HU = -1000.0
 
@@ -51,6 +52,13 @@ class AugmentSpec:
     sharpen: float = 0.0
     # Extra Gaussian noise of standard deviation uniform in [0, noise_hu] HU.
     noise_hu: float = 0.0
+    # Probability of a spine-centred cut-out instead of the crop above: a box of a uniform share in
+    # spine_width (columns) and spine_height (rows) of the slice, centred on the spine (the median
+    # bone pixel of the slice's middle columns) give or take spine_jitter of the box's size.
+    spine_crop: float = 0.0
+    spine_width: tuple[float, float] = (0.2, 0.5)
+    spine_height: tuple[float, float] = (0.25, 0.6)
+    spine_jitter: float = 0.15
     # False switches augmentation off (validation, export parity, tests).
     enabled: bool = True
 
@@ -78,6 +86,9 @@ class AugmentParams:
     # Extra noise standard deviation in HU, and the seed of that noise.
     noise_hu: float = 0.0
     noise_seed: int = 0
+    # Spine-centred cut-out: (height share, width share, row offset, column offset), the offsets as
+    # shares of the box; None: none.
+    spine_box: tuple[float, float, float, float] | None = None
 
 
 def draw_params(spec: AugmentSpec, rng: np.random.Generator) -> AugmentParams:
@@ -104,12 +115,62 @@ def draw_params(spec: AugmentSpec, rng: np.random.Generator) -> AugmentParams:
     if spec.noise_hu > 0:
         base["noise_hu"] = float(rng.uniform(0.0, spec.noise_hu))
         base["noise_seed"] = int(rng.integers(0, 2**31))
+    # drawn last, so that a spec without it draws what it always did
+    if spec.spine_crop > 0 and rng.random() < spec.spine_crop:
+        base["crop"] = (0.0, 1.0, 0.0, 1.0)
+        j = spec.spine_jitter
+        base["spine_box"] = (float(rng.uniform(*spec.spine_height)), float(rng.uniform(*spec.spine_width)),
+                             float(rng.uniform(-j, j)), float(rng.uniform(-j, j)))
     return AugmentParams(**base)
+
+
+def spine_centre(hu: np.ndarray, bone_hu: float = 300.0) -> tuple[float, float] | None:
+    """(row, column) of the spine in an axial HU slice as stored (anterior at the top), or None.
+
+    Dense structures (above ``bone_hu``) in the middle 40 % of the columns, where ribs, pelvis and
+    arms rarely are, split into connected parts; the table (a thin band across the strip) and specks
+    are dropped; of the parts at least a quarter the size of the largest, the most posterior one is
+    the vertebra (contrast-filled bowel, the aorta, the sternum and the symphysis all lie in front of
+    it). The point 40 % of the way down its bounding box, in the middle of its width, is returned.
+    """
+    from scipy.ndimage import find_objects, label
+
+    h, w = hu.shape
+    c0, c1 = int(0.3 * w), max(int(0.3 * w) + 1, int(round(0.7 * w)))
+    parts, n = label(hu[:, c0:c1] > bone_hu, structure=np.ones((3, 3), dtype=bool))
+    if n == 0:
+        return None
+    sizes = np.bincount(parts.ravel())[1:]
+    boxes = find_objects(parts)
+    keep = []
+    for i, (box, size) in enumerate(zip(boxes, sizes)):
+        rows, cols = box[0].stop - box[0].start, box[1].stop - box[1].start
+        if size < 10 or (cols >= 0.8 * (c1 - c0) and rows <= 0.05 * h):
+            continue
+        keep.append(i)
+    if not keep:
+        return None
+    biggest = max(sizes[i] for i in keep)
+    i = max((i for i in keep if sizes[i] >= 0.25 * biggest), key=lambda i: boxes[i][0].start + boxes[i][0].stop)
+    box = boxes[i]
+    # 40 % down the vertebra's box: between the body (in front) and the arch, nearer the body
+    return box[0].start + 0.4 * (box[0].stop - box[0].start - 1), (box[1].start + box[1].stop - 1) / 2.0 + c0
 
 
 def augment_hu(hu: np.ndarray, params: AugmentParams) -> np.ndarray:
     """Apply ``params`` to one (H, W) HU slice; returns a new float32 (H, W) array."""
     hu = np.asarray(hu, dtype=np.float32)
+    if params.spine_box is not None:
+        # cut out first, while the slice lies as stored (anterior at the top): the warp and the
+        # flips then act on the cut-out as on any slice
+        centre = spine_centre(hu)
+        if centre is not None:  # no bone (above the shoulders, an empty slice): left whole
+            h, w = hu.shape
+            bh, bw, dr, dc = params.spine_box
+            rows, cols = max(8, int(round(bh * h))), max(8, int(round(bw * w)))
+            r0 = int(np.clip(round(centre[0] + dr * rows - rows / 2), 0, max(0, h - rows)))
+            c0 = int(np.clip(round(centre[1] + dc * cols - cols / 2), 0, max(0, w - cols)))
+            hu = hu[r0 : r0 + rows, c0 : c0 + cols]
     out = hu
     if params.rotation_deg != 0.0 or params.zoom != 1.0:
         out = _affine(hu, params.rotation_deg, params.zoom)
@@ -168,4 +229,13 @@ def _affine(hu: np.ndarray, rotation_deg: float, zoom: float) -> np.ndarray:
 DOMAIN_RANDOMISATION = AugmentSpec(
     rotation_deg=10.0, zoom=0.25, vflip=0.5, hflip=0.5,
     crop=0.5, crop_min=0.55, hu_scale=0.05, hu_shift=30.0, blur_sigma=1.2, sharpen=0.3, noise_hu=20.0,
+)
+
+# Domain randomisation plus spine-centred cut-outs in a quarter of the slices (spinelevel train
+# --augment domain-spine): real spine CT shared as a cut-out around the spine (VerSe, TPTBox) shows
+# the vertebra without the abdomen, and the phantom's abdomen is its least realistic part.
+DOMAIN_SPINE = AugmentSpec(
+    rotation_deg=10.0, zoom=0.25, vflip=0.5, hflip=0.5,
+    crop=0.5, crop_min=0.55, hu_scale=0.05, hu_shift=30.0, blur_sigma=1.2, sharpen=0.3, noise_hu=20.0,
+    spine_crop=0.25,
 )
