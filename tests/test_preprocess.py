@@ -138,7 +138,56 @@ def test_unknown_preprocessing_version_is_refused() -> None:
     from spinelevel.card import ModelCard
     from spinelevel.errors import CardError
 
-    with pytest.raises(CardError, match="preprocess 3 is not a preprocessing version"):
-        ModelCard(preprocess=3)
+    with pytest.raises(CardError, match="preprocess 4 is not a preprocessing version"):
+        ModelCard(preprocess=4)
     with pytest.raises(CardError, match="preprocess must be an integer"):
         ModelCard.from_dict({"classes": ["T", "L1", "L2", "L3", "L4", "L5", "S"], "input_size": [16, 16], "windows": [[40, 400]], "preprocess": "2"})
+
+
+# -- preprocessing version 3: antialiasing low-pass before the resize ----------------------------
+
+
+def test_antialias_sigmas_follow_the_rescale_rule() -> None:
+    from spinelevel.engine.preprocess import antialias_sigmas
+
+    assert antialias_sigmas(410, 410, (128, 128)) == pytest.approx(((410 / 128 - 1) / 2,) * 2)  # 512 px at 0.98 mm
+    assert antialias_sigmas(133, 400, (128, 128)) == pytest.approx(((133 / 128 - 1) / 2, (400 / 128 - 1) / 2))
+    assert antialias_sigmas(100, 128, (128, 128)) == (0.0, 0.0)  # enlarged or kept: no blur
+
+
+@pytest.mark.parametrize("sigmas", [(1.1, 0.4), (0.0, 2.3), (1.5, 1.5), (3.0, 0.0)])
+@pytest.mark.parametrize("opencv", [True, False])
+def test_gaussian_blur_matches_scipy_reflect_101(sigmas: tuple[float, float], opencv: bool, monkeypatch) -> None:  # noqa: ANN001
+    import spinelevel.engine.preprocess as pre
+
+    scipy_ndimage = pytest.importorskip("scipy.ndimage")
+    if opencv and pre._cv2() is None:
+        pytest.skip("OpenCV is not installed: only the numpy path exists here")
+    if not opencv:
+        monkeypatch.setattr(pre, "_cv2", lambda: None)
+    x = np.random.default_rng(1).normal(0, 100, (61, 47)).astype(np.float32)
+    ref = x.astype(np.float64)
+    for axis, sigma in enumerate(sigmas):
+        if sigma > 0:  # scipy's 'mirror' is reflect-101; truncate so that the radius is ceil(3 sigma)
+            ref = scipy_ndimage.gaussian_filter1d(ref, sigma, axis=axis, mode="mirror", truncate=np.ceil(3 * sigma) / sigma)
+    np.testing.assert_allclose(pre.gaussian_blur(x, sigmas), ref, atol=2e-3)
+    const = np.full((20, 9), 37.0, np.float32)
+    np.testing.assert_allclose(pre.gaussian_blur(const, sigmas), const, atol=1e-4)  # normalised taps
+
+
+def test_version_3_blurs_before_the_windows() -> None:
+    from spinelevel.engine.preprocess import antialias_sigmas, fit_fov, gaussian_blur, resize_bilinear, window_channels
+
+    card = ModelCard(input_size=(32, 32), windows=((40.0, 400.0), (-600.0, 1500.0)), mean=(0.0, 0.0), std=(1.0, 1.0), preprocess=3, fov_mm=200.0)
+    assert ModelCard.from_dict(card.to_dict()) == card and card.to_dict()["preprocess"] == 3
+    spec = PreprocessSpec.from_card(card)
+    assert spec.antialias and spec.fov_mm == 200.0
+    assert not PreprocessSpec.from_card(ModelCard(input_size=(32, 32), preprocess=2, fov_mm=200.0)).antialias
+    hu = np.random.default_rng(2).normal(40, 150, (300, 260)).astype(np.float32)  # fine noise at 0.5 mm
+    box = fit_fov(hu, (0.5, 0.5), 200.0)
+    expected = resize_bilinear(window_channels(gaussian_blur(box, antialias_sigmas(*box.shape, (32, 32))), spec.windows), (32, 32))
+    got = preprocess_slice(hu, spec, (0.5, 0.5))
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    # the point of it: sampled noise is averaged away (the version-2 input keeps most of it)
+    v2 = preprocess_slice(hu, PreprocessSpec.from_card(ModelCard(input_size=(32, 32), windows=card.windows, mean=(0.0, 0.0), std=(1.0, 1.0), preprocess=2, fov_mm=200.0)), (0.5, 0.5))
+    assert got[0, 8:24, 8:24].std() < 0.5 * v2[0, 8:24, 8:24].std()

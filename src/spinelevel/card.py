@@ -30,7 +30,7 @@ __all__ = [
 CARD_FORMAT = "spinelevel.card/1"
 CARD_METADATA_KEY = "spinelevel.card"
 # The preprocessing versions of ModelCard.preprocess (engine/preprocess.py documents each).
-PREPROCESS_VERSIONS = (1, 2)
+PREPROCESS_VERSIONS = (1, 2, 3)
 
 _HOW_TO_ATTACH = (
     "attach a card with 'spinelevel card set {model} --from card.json' "
@@ -58,9 +58,10 @@ class ModelCard:
     output: str = "probabilities"
     # Version of the preprocessing the model was trained with (engine/preprocess.py): 1 (cards
     # without the field) resizes the slice as it is; 2 first crops or pads it, by its PixelSpacing,
-    # to a fixed square field of view of fov_mm, so anatomy has one scale in every series.
+    # to a fixed square field of view of fov_mm, so anatomy has one scale in every series; 3 also
+    # low-passes the HU slice before the resize (antialiasing), so fine real-CT texture does not alias.
     preprocess: int = 1
-    # Preprocessing version 2: the field of view in mm (ignored by version 1).
+    # Preprocessing versions 2 and 3: the field of view in mm (ignored by version 1).
     fov_mm: float = 400.0
     # Anything else the card carried (architecture, provenance, hashes): kept and written back.
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)

@@ -65,7 +65,7 @@ def train(
     labels: Annotated[list[Path] | None, typer.Option("--labels", "-l", help="Labels table(s) (Parquet/CSV: series_uid, sop_uid, level) for DICOM inputs; repeatable.")] = None,
     arch: Annotated[str, typer.Option("--arch", help="timm model name (any EfficientNetV2).")] = "tf_efficientnetv2_m",
     input_size: Annotated[int, typer.Option("--input-size", min=16, help="Square model input in pixels.")] = 512,
-    preprocess: Annotated[int, typer.Option("--preprocess", min=1, max=2, help="Preprocessing version written into the card: 2 crops or pads every slice, by its PixelSpacing, to a fixed field of view (--fov-mm) so anatomy has one scale in every series; 1 resizes slices as they are (models before version 2).")] = 2,
+    preprocess: Annotated[int, typer.Option("--preprocess", min=1, max=3, help="Preprocessing version written into the card: 2 crops or pads every slice, by its PixelSpacing, to a fixed field of view (--fov-mm) so anatomy has one scale in every series; 3 also low-passes the slice before the resize (antialiasing: real 0.7-1 mm slices do not alias); 1 resizes slices as they are (models before version 2).")] = 2,
     fov_mm: Annotated[float, typer.Option("--fov-mm", min=50.0, max=2000.0, help="Preprocessing 2: the square field of view in mm.")] = 400.0,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Epochs (in total, when resuming).")] = 100,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Slices per step.")] = 16,

@@ -6,6 +6,8 @@ RescaleSlope/RescaleIntercept. The graph, parametrised by ``device`` ('cpu' or '
 
     raw int16 -> float HU = raw * slope + intercept -> HU below -1100 (out-of-FOV marks) = -1000
     -> (preprocessing version 2) fn.slice to the fixed field of view, padded with -1000
+    -> (preprocessing version 3) fn.gaussian_blur, per-sample sigma and window from
+       preprocess.antialias_sigmas (radius ceil(3 sigma), window 1 on an axis without blur)
     -> per window: clamp((HU - (center - width/2)) / width, 0, 1) * scale -> stack to HWC
     -> fn.resize(interp_type=INTERP_LINEAR, antialias=False) to input_size
     -> fn.crop_mirror_normalize(mean, std, output_layout="CHW") -> (C, h, w) float32
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -185,6 +188,11 @@ def build_pipeline(spec: PreprocessSpec, options: DaliOptions = DaliOptions()) -
             start = fn.external_source(name="fov_start", dtype=types.INT64, ndim=1, device="cpu")
             shape = fn.external_source(name="fov_shape", dtype=types.INT64, ndim=1, device="cpu")
             hu = fn.slice(hu, start, shape, axes=[0, 1], out_of_bounds_policy="pad", fill_values=_AIR_HU)
+        if spec.antialias:
+            # preprocessing version 3: the antialiasing low-pass (preprocess.gaussian_blur)
+            sigma = fn.external_source(name="aa_sigma", dtype=types.FLOAT, ndim=1, device="cpu")
+            window = fn.external_source(name="aa_window", dtype=types.INT32, ndim=1, device="cpu")
+            hu = fn.gaussian_blur(hu, sigma=sigma, window_size=window, dtype=types.FLOAT)
         chans = []
         for center, width in spec.windows:
             low = float(center) - float(width) / 2.0
@@ -220,6 +228,14 @@ class DaliPreprocessor:
             boxes = [fov_box(*s.raw.shape, s.spacing, self.spec.fov_mm) for s in slices]
             self._pipe.feed_input("fov_start", [np.asarray([top, left], np.int64) for _, _, top, left in boxes])
             self._pipe.feed_input("fov_shape", [np.asarray([rows, cols], np.int64) for rows, cols, _, _ in boxes])
+        if self.spec.antialias:
+            from spinelevel.engine.preprocess import antialias_sigmas
+
+            shapes = [(b[0], b[1]) for b in boxes] if self.spec.fov_mm is not None else [s.raw.shape for s in slices]
+            sig = [antialias_sigmas(h, w, self.spec.input_size) for h, w in shapes]
+            # an axis without blur: a one-tap window (its sigma only has to be positive)
+            self._pipe.feed_input("aa_sigma", [np.asarray([max(v, 0.01) for v in sg], np.float32) for sg in sig])
+            self._pipe.feed_input("aa_window", [np.asarray([2 * math.ceil(3.0 * v) + 1 if v > 0 else 1 for v in sg], np.int32) for sg in sig])
         (out,) = self._pipe.run()
         return out
 

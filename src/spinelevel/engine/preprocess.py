@@ -9,6 +9,13 @@ The card math (DESIGN.md 3.1), in this order:
    one size whatever the reconstruction diameter or matrix, and non-square slices or pixels keep
    their aspect. Without a PixelSpacing the slice is padded to a square instead. Version 1 (cards
    without the field) resizes the slice as it is, exactly as before;
+0b. preprocessing version 3 only (card ``"preprocess": 3``): as version 2, then an antialiasing
+   low-pass of the HU slice before the windows (``antialias_sigmas``): a separable Gaussian of
+   ``max(0, (f - 1) / 2)`` source pixels per axis, ``f`` the source pixels per output pixel along
+   it (scikit-image's ``rescale(anti_aliasing=True)`` rule), radius ``ceil(3 * sigma)``, normalised
+   taps, borders mirrored without repeating the edge pixel (reflect-101, DALI's and OpenCV's
+   default). Without it a 512 x 512 slice of 0.7-1 mm shrunk to 128 px is sampled, not averaged, and
+   its fine texture and noise alias into the input (measured: tests/data/real_ct/results_demo_v6.md);
 1. one channel per HU window: ``clip((HU - (center - width / 2)) / width, 0, 1) * scale``;
 2. bilinear resize to ``input_size`` with half-pixel centres and no antialiasing (the convention of
    OpenCV ``INTER_LINEAR``, PyTorch ``interpolate(mode="bilinear", align_corners=False)`` and DALI
@@ -21,6 +28,7 @@ implementations (DALI, torch) all call it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -30,7 +38,7 @@ import numpy as np
 if TYPE_CHECKING:
     from spinelevel.card import ModelCard
 
-__all__ = ["PreprocessSpec", "fov_box", "fit_fov", "window_channels", "resize_bilinear", "preprocess_slice", "preprocess_batch"]
+__all__ = ["PreprocessSpec", "fov_box", "fit_fov", "antialias_sigmas", "gaussian_blur", "window_channels", "resize_bilinear", "preprocess_slice", "preprocess_batch"]
 
 # HU of the padding of version-2 preprocessing (air, as decode.AIR_HU; not imported: decode pulls in pydicom).
 _AIR_HU = -1000.0
@@ -52,6 +60,8 @@ class PreprocessSpec:
     # Card preprocessing version 2: the field of view (mm, square) every slice is cropped or padded
     # to before windowing; None is version 1 (no crop or pad).
     fov_mm: float | None = None
+    # Card preprocessing version 3: low-pass the HU slice before the resize (antialias_sigmas).
+    antialias: bool = False
 
     @classmethod
     def from_card(cls, card: ModelCard) -> PreprocessSpec:
@@ -63,6 +73,7 @@ class PreprocessSpec:
             mean=tuple(float(v) for v in card.mean),
             std=tuple(float(v) for v in card.std),
             fov_mm=float(card.fov_mm) if int(card.preprocess) >= 2 else None,
+            antialias=int(card.preprocess) >= 3,
         )
 
 
@@ -91,6 +102,45 @@ def fit_fov(hu: np.ndarray, spacing: tuple[float, float] | None, fov_mm: float) 
     r0, c0 = max(top, 0), max(left, 0)  # first source pixel inside the box
     r1, c1 = min(h, top + rows), min(w, left + cols)
     out[r0 - top : r1 - top, c0 - left : c1 - left] = hu[r0:r1, c0:c1]
+    return out
+
+
+def antialias_sigmas(height: int, width: int, size: tuple[int, int]) -> tuple[float, float]:
+    """Gaussian sigmas (rows, columns), in source pixels, that low-pass a (height, width) slice
+    before it is resized to ``size``: ``max(0, (f - 1) / 2)`` with ``f`` source pixels per output
+    pixel (0 where the slice is enlarged)."""
+    return (max(0.0, (height / float(size[0]) - 1.0) / 2.0), max(0.0, (width / float(size[1]) - 1.0) / 2.0))
+
+
+def _gaussian_taps(sigma: float) -> np.ndarray:
+    radius = int(math.ceil(3.0 * sigma))
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    taps = np.exp(-0.5 * (x / sigma) ** 2)
+    return (taps / taps.sum()).astype(np.float32)
+
+
+def gaussian_blur(hu: np.ndarray, sigmas: tuple[float, float]) -> np.ndarray:
+    """Separable Gaussian of a 2-D float32 image: ``sigmas`` (rows, columns) in pixels, radius
+    ``ceil(3 * sigma)``, reflect-101 borders; an axis with sigma 0 is left as it is."""
+    out = np.asarray(hu, dtype=np.float32)
+    cv2 = _cv2()
+    for axis, sigma in enumerate(sigmas):
+        if sigma <= 0.0:
+            continue
+        taps = _gaussian_taps(float(sigma))
+        r = len(taps) // 2
+        if cv2 is not None and out.shape[axis] > r:
+            kx, ky = (taps, np.ones(1, np.float32)) if axis == 1 else (np.ones(1, np.float32), taps)
+            out = cv2.sepFilter2D(out, cv2.CV_32F, kx, ky, borderType=cv2.BORDER_REFLECT_101)
+            continue
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (r, r)
+        padded = np.pad(out, pad, mode="reflect") if out.shape[axis] > 1 else np.pad(out, pad, mode="edge")
+        n = out.shape[axis]
+        acc = np.zeros(out.shape, dtype=np.float32)
+        for i, t in enumerate(taps):
+            acc += t * (padded[i : i + n, :] if axis == 0 else padded[:, i : i + n])
+        out = acc
     return out
 
 
@@ -166,6 +216,8 @@ def preprocess_slice(hu: np.ndarray, spec: PreprocessSpec, spacing: tuple[float,
     """
     if spec.fov_mm is not None:
         hu = fit_fov(np.asarray(hu, dtype=np.float32), spacing, spec.fov_mm)
+    if spec.antialias:
+        hu = gaussian_blur(hu, antialias_sigmas(hu.shape[0], hu.shape[1], spec.input_size))
     x = resize_bilinear(window_channels(hu, spec.windows, spec.scale), spec.input_size)
     if not x.flags.writeable or x.base is not None:
         x = np.array(x, dtype=np.float32)

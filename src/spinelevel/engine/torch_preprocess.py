@@ -36,6 +36,10 @@ def preprocess_torch(hu: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
     import torch
     import torch.nn.functional as F
 
+    if spec.fov_mm is not None or spec.antialias:
+        from spinelevel.errors import InputError
+
+        raise InputError("preprocess_torch implements card preprocessing version 1 only (no field of view, no antialiasing); use spinelevel.engine.preprocess")
     hu = hu.to(torch.float32)
     chans = []
     for center, width in spec.windows:
