@@ -15,7 +15,7 @@ The card math (DESIGN.md 3.1), in this order:
    it (scikit-image's ``rescale(anti_aliasing=True)`` rule), radius ``ceil(3 * sigma)``, normalised
    taps, borders mirrored without repeating the edge pixel (reflect-101, DALI's and OpenCV's
    default). Without it a 512 x 512 slice of 0.7-1 mm shrunk to 128 px is sampled, not averaged, and
-   its fine texture and noise alias into the input (measured: tests/data/real_ct/results_demo_v6.md);
+   its fine texture and noise alias into the input (tests/data/real_ct/results_demo_v6.md);
 1. one channel per HU window: ``clip((HU - (center - width / 2)) / width, 0, 1) * scale``;
 2. bilinear resize to ``input_size`` with half-pixel centres and no antialiasing (the convention of
    OpenCV ``INTER_LINEAR``, PyTorch ``interpolate(mode="bilinear", align_corners=False)`` and DALI
