@@ -267,3 +267,37 @@ def test_domain_randomisation_draws_are_deterministic_and_keep_air() -> None:
     # the paper's spec draws exactly what it drew before domain randomisation existed
     paper = draw_params(AugmentSpec(), np.random.default_rng(5))
     assert paper.crop == (0.0, 1.0, 0.0, 1.0) and paper.hu_scale == 1.0 and paper.noise_hu == 0.0
+
+
+def test_weight_soup_script_averages_checkpoints(tmp_path: Path) -> None:
+    """scripts/weight_soup.py (results_demo_v6.md): the soup's weights are the inputs' mean, its card the first checkpoint's."""
+    import torch
+    from safetensors.torch import load_file
+
+    from spinelevel.card import ModelCard
+    from spinelevel.training.train import _save_checkpoint, create_model
+
+    card = ModelCard(input_size=(32, 32))
+    paths = []
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        path = tmp_path / f"m{seed}" / "best.safetensors"
+        path.parent.mkdir()
+        _save_checkpoint(create_model(TINY, 7), path, card.with_extra(architecture=TINY, seed=seed))
+        paths.append(path)
+    out = tmp_path / "soup" / "best.safetensors"
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "weight_soup.py"), *map(str, paths),
+                           "--arch", TINY, "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    soup, inputs = load_file(str(out)), [load_file(str(p)) for p in paths]
+    floats = [k for k in soup if soup[k].is_floating_point()]
+    assert floats and any(not torch.equal(inputs[0][k], inputs[1][k]) for k in floats)
+    for k in floats:
+        torch.testing.assert_close(soup[k], sum(i[k] for i in inputs) / 3, rtol=1e-5, atol=1e-6)
+    assert json.loads(Path(str(out) + ".card.json").read_text())["seed"] == 1
+    # a model of another architecture is refused by name
+    other = tmp_path / "other.safetensors"
+    _save_checkpoint(create_model("tf_efficientnetv2_b0", 7), other, card)
+    bad = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "weight_soup.py"), str(paths[0]), str(other),
+                          "--arch", TINY, "--out", str(tmp_path / "x.safetensors")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "not the same architecture" in bad.stderr
