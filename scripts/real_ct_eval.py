@@ -28,7 +28,8 @@ Cases:
 
 Per case: ``spinelevel run --sampling full``, ``spinelevel evaluate`` (L3 extent from the vertebra
 masks), and the single slice through the middle of the labelled L3 run as a one-slice series
-(``--min-slices 1``). Writes ``OUT/results.json`` and ``OUT/results.md``; the converted inputs are in
+(``--min-slices 1``), and each slice of the middle third of the L3 run alone the same way (the
+share called L3 per patient). Writes ``OUT/results.json`` and ``OUT/results.md``; the converted inputs are in
 ``OUT/cases/`` and the runs in ``OUT/runs/``.
 
 Usage (from the repository root; any model spinelevel runs, or ``demo``)::
@@ -113,6 +114,7 @@ class Case:
     vertebrae: Path  # vertebrae.parquet
     info: dict[str, Any] = field(default_factory=dict)  # provenance, geometry, extents
     l3mid: Path | None = None  # a one-slice series through mid-L3, if the case has L3
+    l3band: Path | None = None  # one one-slice series per slice of the middle third of L3
     diagnostic: bool = False  # a variant of another case: left out of the summary
 
 
@@ -271,6 +273,17 @@ def convert_volume_case(name: str, ct: np.ndarray, affine: np.ndarray, masks: di
                      description=f"{name} L3 mid slice")
         info["l3mid"] = {"z_mm": z_of(k_mid), "level": levels[k_mid]}
         case.l3mid = case_dir / "l3mid"
+        # every slice of the middle third of the L3 run, each its own one-slice series: the single-
+        # slice question asked of more than one slice per patient (a steadier rate than one slice)
+        third = len(l3_ks) // 3
+        band = l3_ks[third : len(l3_ks) - third] or [k_mid]
+        for k in band:
+            _write_slice(case_dir / "l3band" / f"L3BAND{k:04d}.dcm", volume_slice(ct, k), study_uid=uid(name, "l3band", "study"),
+                         series_uid=uid(name, "l3band", "series", str(k)), sop_uid=uid(name, "l3band", "sop", str(k)),
+                         case=f"{name}-l3band", series_number=100 + k, instance=1, ipp=(x0, y0, z_of(k)), spacing=(dy, dx),
+                         thickness=abs(dz), description=f"{name} L3 slice {k}")
+        info["l3band"] = {"slices": len(band), "z_mm": [z_of(band[0]), z_of(band[-1])]}
+        case.l3band = case_dir / "l3band"
     (case_dir / "case.json").write_text(json.dumps(info, indent=2) + "\n")
     return case
 
@@ -640,6 +653,15 @@ def evaluate_case(case: Case, model: str, runs: Path, threads: int, level_extent
         probs = {k[2:]: round(float(v), 3) for k, v in row.items() if k.startswith("p_") and v is not None}
         rec["single_slice"] = {"z_mm": case.info["l3mid"]["z_mm"], "truth": case.info["l3mid"]["level"], "decoded": row["level"],
                                "argmax": row["level_argmax"], "p": probs}
+    rec["single_slice_band"] = None
+    if case.l3band is not None:
+        _spinelevel(["run", case.l3band, *common, "--min-slices", "1", "--out", out / "l3band"])
+        rows = _dataset(out / "l3band" / "slices")
+        if len(rows) != case.info["l3band"]["slices"]:
+            raise RuntimeError(f"{case.name}: {len(rows)} of {case.info['l3band']['slices']} middle-L3 slices came back")
+        called = sum(r["level"] == "L3" for r in rows)
+        rec["single_slice_band"] = {"slices": len(rows), "called_l3": called, "rate": called / len(rows),
+                                    "calls": {lv: sum(r["level"] == lv for r in rows) for lv in sorted({r["level"] for r in rows})}}
     return rec
 
 
@@ -658,6 +680,10 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
         "l3_within_10mm_every_whole_trunk": bool(trunk) and len(within10) == len(trunk),
         "single_slice_l3": f"{sum(s['decoded'] == 'L3' for s in singles)}/{len(singles)}",
         "single_slice_l3_rate": sum(s["decoded"] == "L3" for s in singles) / len(singles) if singles else None,
+        # per patient: the share of the middle third of its L3 slices that, alone, are called L3
+        "single_slice_band_rates": {r["case"]: round(r["single_slice_band"]["rate"], 3) for r in cases if r.get("single_slice_band")},
+        "single_slice_band_mean": (float(np.mean([r["single_slice_band"]["rate"] for r in cases if r.get("single_slice_band")]))
+                                   if any(r.get("single_slice_band") for r in cases) else None),
         "wrong_l3_answers": [r["case"] for r in wrong],
         "wrong_l3_with_doubt_flag": f"{sum(r['doubt_flag'] for r in wrong)}/{len(wrong)}",
         "correct_l3_with_doubt_flag": f"{sum(r['doubt_flag'] for r in cases if not r['l3_wrong'])}/{sum(not r['l3_wrong'] for r in cases)}",
@@ -700,6 +726,9 @@ def results_markdown(results: dict[str, Any]) -> str:
         f"- mean decoded accuracy over whole-trunk scans ({', '.join(sm['whole_trunk_cases']) or 'none'}): {_f(sm['mean_decoded_accuracy_whole_trunk'])}",
         f"- L3 pick within 10 mm of the L3 extent on every whole-trunk scan: {'yes' if sm['l3_within_10mm_every_whole_trunk'] else 'no'} ({sm['l3_within_10mm_whole_trunk']})",
         f"- single real mid-L3 slice called L3: {sm['single_slice_l3']}",
+        f"- each slice of the middle third of L3 alone, share called L3 (mean over patients {_f(sm.get('single_slice_band_mean'))}): "
+        + (", ".join(f"{c} {r['single_slice_band']['called_l3']}/{r['single_slice_band']['slices']} ({', '.join(f'{k} {v}' for k, v in r['single_slice_band']['calls'].items())})"
+                     for c, r in ((r["case"], r) for r in results["cases"] if r.get("single_slice_band") and not r["diagnostic"])) or "none"),
         f"- wrong L3 answers ({', '.join(sm['wrong_l3_answers']) or 'none'}) with a doubt flag: {sm['wrong_l3_with_doubt_flag']}; "
         f"right answers with a doubt flag: {sm['correct_l3_with_doubt_flag']}",
         "",

@@ -110,6 +110,10 @@ def test_evaluation_runs_end_to_end(rce, example_ct, model_path, tmp_path) -> No
     assert rec["n_slices"] == 112 and rec["n_labelled"] == 91
     assert rec["l3_true_extent_mm"] == pytest.approx([284.8, 332.8], abs=0.05) and rec["l3_in_fov"]
     assert rec["single_slice"] is not None and rec["single_slice"]["truth"] == "L3"
+    # the middle third of the 10 L3 slices, each alone: 4 one-slice series, every one answered
+    band = rec["single_slice_band"]
+    assert band["slices"] == 4 and sum(band["calls"].values()) == 4 and band["rate"] == band["called_l3"] / 4
+    assert len(list((example_ct.dicom.parent / "l3band").glob("*.dcm"))) == 4
     lo, hi = rec["l3_true_extent_mm"]
     assert lo <= rec["single_slice"]["z_mm"] <= hi
     metrics = json.loads((tmp_path / "runs" / "totalseg_example_ct" / "eval" / "metrics.json").read_text())
@@ -120,6 +124,7 @@ def test_evaluation_runs_end_to_end(rce, example_ct, model_path, tmp_path) -> No
     assert {"derived_series_uid", "derived_study_uid"} <= set(rec2["flags"])
     summary = rce.summarise([rec, rec2])
     assert summary["whole_trunk_cases"] == ["totalseg_example_ct"]
+    assert rec2["single_slice_band"] is None and list(summary["single_slice_band_rates"]) == ["totalseg_example_ct"]
     md = rce.results_markdown({"model": "tiny", "model_sha256": None, "backend": "onnxruntime", "preprocess": 1,
                                "spinelevel_version": "test", "cases": [rec, rec2], "summary": summary, "skipped": []})
     assert "totalseg_example_dicom" in md and "| totalseg_example_ct |" in md
