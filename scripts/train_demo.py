@@ -94,6 +94,10 @@ RECIPE = {
     # Measured and not shipped (tests/data/real_ct/results_demo_v6.md): each fine-tunes the shipped
     # model once more with one change, and failed the ship rule fixed before its evaluation.
     # `--stage train --phase NAME` trains one; the recipe's export and card ignore them.
+    # Leave-one-patient-out fine-tunes with the real CT cases mixed in (scripts/real_ct_folds.py,
+    # tests/data/real_ct/results_demo_v7.md): the experiment `base` plus `--mix-in` of the real cases
+    # other than the held-out one, `mix_share` of each epoch's slices.
+    "real_ct_folds": {"base": "v6ctl", "mix_share": 0.2},
     "experiments": [
         # Issue 14, fifth round (real spine-centred CT, VerSe and TPTBox, read at random: the phantom
         # slices always showed the whole abdomen): the same fine-tune with spine-centred cut-outs in a
@@ -135,24 +139,33 @@ def stage_train(work: Path, only: str | None = None) -> None:
         run = work / phase["name"]
         if (run / "last.state.pt").is_file() and (run / "history.csv").read_text().count("\n") > phase["epochs"]:
             continue  # phase complete
-        args = [
-            "train", *(str(work / d) for d in phase["data"]), "--out", str(run),
-            "--arch", RECIPE["arch"], "--input-size", str(phase["input_size"]),
-            "--epochs", str(phase["epochs"]), "--samples-per-epoch", str(phase["samples_per_epoch"]),
-            "--batch-size", str(RECIPE["batch_size"]), "--lr", str(phase.get("lr", RECIPE["lr"])), "--schedule", RECIPE["schedule"],
-            "--class-weights", RECIPE["class_weights"], "--val-fraction", str(RECIPE["val_fraction"]),
-            "--max-val-slices", str(phase["max_val_slices"]), "--seed", str(RECIPE["seed"]),
-        ]
-        args += ["--preprocess", str(phase.get("preprocess", 1)), "--fov-mm", str(phase.get("fov_mm", 400.0)), "--augment", phase.get("augment", "paper")]
-        if phase.get("freeze_bn"):
-            args.append("--freeze-bn")
-        init = work / phase["init"] if phase["init"] else None
-        if init is not None and not init.is_file() and phase.get("init_onnx") and (work / phase["init_onnx"]).is_file():
-            init = work / phase["init_onnx"]  # the exported previous model instead of its checkpoint
-        args += ["--pretrained", str(init)] if init is not None else ["--from-scratch"]
-        if (run / "last.state.pt").is_file():
-            args.append("--resume")
-        _spinelevel(*args)
+        _spinelevel(*train_args(work, phase, run))
+
+
+def train_args(work: Path, phase: dict, run: Path) -> list[str]:
+    """The ``spinelevel train`` arguments of one RECIPE phase (``--resume`` when ``run`` holds its start)."""
+    args = [
+        "train", *(str(work / d) for d in phase["data"]), "--out", str(run),
+        "--arch", RECIPE["arch"], "--input-size", str(phase["input_size"]),
+        "--epochs", str(phase["epochs"]), "--samples-per-epoch", str(phase["samples_per_epoch"]),
+        "--batch-size", str(RECIPE["batch_size"]), "--lr", str(phase.get("lr", RECIPE["lr"])), "--schedule", RECIPE["schedule"],
+        "--class-weights", RECIPE["class_weights"], "--val-fraction", str(RECIPE["val_fraction"]),
+        "--max-val-slices", str(phase["max_val_slices"]), "--seed", str(RECIPE["seed"]),
+    ]
+    args += ["--preprocess", str(phase.get("preprocess", 1)), "--fov-mm", str(phase.get("fov_mm", 400.0)), "--augment", phase.get("augment", "paper")]
+    if phase.get("freeze_bn"):
+        args.append("--freeze-bn")
+    init = work / phase["init"] if phase["init"] else None
+    if init is not None and not init.is_file() and phase.get("init_onnx") and (work / phase["init_onnx"]).is_file():
+        init = work / phase["init_onnx"]  # the exported previous model instead of its checkpoint
+    args += ["--pretrained", str(init)] if init is not None else ["--from-scratch"]
+    for mix, labels in phase.get("mix_in", ()):  # (DICOM folder, its labels table)
+        args += ["--mix-in", str(mix), "--labels", str(labels)]
+    if phase.get("mix_in"):
+        args += ["--mix-share", str(phase["mix_share"])]
+    if (run / "last.state.pt").is_file():
+        args.append("--resume")
+    return args
 
 
 def stage_export(work: Path) -> None:

@@ -182,3 +182,41 @@ def test_tptbox_l3_labels(rce, tmp_path) -> None:  # noqa: ANN001
     assert len(labels) == 47 and counts == {"L2": 8, "L3": 19, "L4": 11}
     verts = {r["vertebra"]: r["coverage"] for r in pq.read_table(case.vertebrae).to_pylist()}
     assert verts == {"L2": "cut by FOV", "L3": "whole", "L4": "cut by FOV"}
+
+
+def _fold_record(case: str, acc: float, wrong: bool) -> dict:
+    band = {"slices": 4, "called_l3": 2, "rate": 0.5, "calls": {"L3": 2, "L4": 2}}
+    return {"case": case, "diagnostic": False, "whole_trunk": case == "trunk", "single_slice": {"decoded": "L3" if not wrong else "L4", "argmax": "L3", "p": {"L3": 0.6}},
+            "l3_wrong": wrong, "acc_decoded": acc, "l3_pick_error_mm": 12.0 if wrong else 0.0, "doubt_flag": wrong, "single_slice_band": band,
+            "l3_true_extent_mm": [10.0, 40.0], "l3_in_fov": True, "l3_pick_z_mm": 52.0 if wrong else 25.0, "acc_argmax": acc, "region": "abdomen",
+            "n_slices": 20, "n_labelled": 18, "l3_pick_minus_mid_mm": 27.0 if wrong else 0.0, "flags": ["order_conflict"] if wrong else [],
+            "truth_runs": "L2x5 L3x6", "decoded_runs": "L2x5 L3x6", "argmax_runs": "L2x5 L3x6"}
+
+
+def test_real_ct_folds_hold_each_case_out_of_its_fine_tune(tmp_path) -> None:  # noqa: ANN001
+    spec = importlib.util.spec_from_file_location("real_ct_folds", ROOT / "scripts" / "real_ct_folds.py")
+    folds = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = folds
+    spec.loader.exec_module(folds)
+    Case = folds.real_ct_eval.Case
+    cases = [Case(name=n, dicom=tmp_path / n / "dicom", labels=tmp_path / n / "labels.parquet", vertebrae=tmp_path / n / "v.parquet")
+             for n in ("trunk", "slab", "cutout")]
+    cases.append(Case(name="trunk_square", dicom=tmp_path / "sq", labels=tmp_path / "sq.parquet", vertebrae=tmp_path / "v", diagnostic=True))
+    phase = folds.fold_phase("slab", cases, "f_slab")
+    args = folds.train_demo.train_args(tmp_path / "work", phase, tmp_path / "f_slab")
+    mixed = [args[i + 1] for i, a in enumerate(args) if a == "--mix-in"]
+    labels = [args[i + 1] for i, a in enumerate(args) if a == "--labels"]
+    assert mixed == [str(tmp_path / "trunk" / "dicom"), str(tmp_path / "cutout" / "dicom")]  # neither the held-out case nor a diagnostic variant
+    assert labels == [str(tmp_path / "trunk" / "labels.parquet"), str(tmp_path / "cutout" / "labels.parquet")]
+    assert args[args.index("--mix-share") + 1] == str(folds.train_demo.RECIPE["real_ct_folds"]["mix_share"])
+    base = next(p for p in folds.train_demo.RECIPE["experiments"] if p["name"] == folds.train_demo.RECIPE["real_ct_folds"]["base"])
+    assert args[1:3] == [str(tmp_path / "work" / d) for d in base["data"]] and "--resume" not in args
+    assert len([a for a in folds.train_demo.train_args(tmp_path / "work", folds.fold_phase(None, cases, "all"), tmp_path / "all") if a == "--mix-in"]) == 3
+    # the leave-one-out table takes each case from the fold that held it out, never from another fold
+    per_fold = {held: {"model_sha256": f"sha-{held}", "backend": "onnxruntime", "preprocess": 2, "level_extents": "20,55",
+                       "spinelevel_version": "x", "cases": [_fold_record(c, 0.9 if c != held else 0.5, c == held) for c in ("trunk", "slab", "cutout")]}
+                for held in ("trunk", "slab", "cutout")}
+    table = folds.lopo_table(per_fold)
+    assert [(r["case"], r["acc_decoded"], r["fold_model_sha256"]) for r in table["cases"]] == [(c, 0.5, f"sha-{c}") for c in ("trunk", "slab", "cutout")]
+    assert table["summary"]["mean_decoded_accuracy_whole_trunk"] == 0.5 and table["summary"]["wrong_l3_answers"] == ["trunk", "slab", "cutout"]
+    assert "leave-one-patient-out" in folds.real_ct_eval.results_markdown(table)

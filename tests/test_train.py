@@ -301,3 +301,55 @@ def test_weight_soup_script_averages_checkpoints(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "weight_soup.py"), str(paths[0]), str(other),
                           "--arch", TINY, "--out", str(tmp_path / "x.safetensors")], capture_output=True, text=True)
     assert bad.returncode != 0 and "not the same architecture" in bad.stderr
+
+
+def test_epoch_order_mixes_in_a_fixed_share() -> None:
+    from spinelevel.training.train import epoch_order
+
+    base, mix = list(range(100)), list(range(1000, 1010))
+    rng = np.random.default_rng(0)
+    # without mixed-in slices: the old draw (all, shuffled; or a sample without replacement)
+    assert sorted(epoch_order(base, [], None, 0.25, np.random.default_rng(1))) == base
+    some = epoch_order(base, [], 30, 0.25, np.random.default_rng(1))
+    assert len(some) == len(set(some)) == 30
+    # 40 slices, a quarter mixed in: 10 mixed-in (each once), 30 distinct base slices
+    e = epoch_order(base, mix, 40, 0.25, rng)
+    assert len(e) == 40 and sorted(i for i in e if i >= 1000) == mix
+    assert len({i for i in e if i < 1000}) == 30
+    # more mixed-in slices asked for than exist: every one at least twice, the rest drawn again
+    e = epoch_order(base, mix, 100, 0.25, rng)
+    counts = np.bincount([i - 1000 for i in e if i >= 1000])
+    assert len(e) == 100 and counts.sum() == 25 and counts.min() >= 2 and counts.max() <= 3
+    # default epoch size: all base slices plus the share
+    e = epoch_order(base, mix, None, 0.2, rng)
+    assert len(e) == 125 and sorted(i for i in e if i < 1000) == base
+    assert e != sorted(e)  # shuffled
+    with pytest.raises(InputError, match="mix-share"):
+        epoch_order(base, mix, 40, 1.0, rng)
+
+
+def test_mix_in_trains_on_real_series_and_never_validates_them(dicom_data: tuple[Path, Path], tmp_path: Path) -> None:
+    from spinelevel.phantom import PhantomOptions, generate
+
+    phantom = tmp_path / "ph2"
+    generate(phantom, PhantomOptions(studies=2, seed=12, size=64, coverage="lumbar", thickness_mm=5.0, localizer_probability=0.0,
+                                     dose_report_probability=0.0, second_recon_probability=0.0, compression="none"), workers=1)
+    root, labels = dicom_data
+    out = tmp_path / "mix"
+    result = CliRunner().invoke(app, ["train", str(phantom), "--mix-in", str(root), "--labels", str(labels), "--mix-share", "0.4",
+                                      "--out", str(out), "--arch", TINY, "--input-size", "32", "--epochs", "1", "--batch-size", "8",
+                                      "--samples-per-epoch", "40", "--val-fraction", "0.5", "--from-scratch"])
+    assert result.exit_code == 0, result.output
+    tr = read_card(out / "last.safetensors").extra["training"]
+    mix = tr["mix_in"]
+    assert mix["inputs"] == [str(root)] and mix["share"] == 0.4
+    assert mix["slices"] == 3 * (len(LEVELS) - 1) and mix["groups"] == ["P1", "P2"]
+    split = json.loads((out / "split.json").read_text())
+    assert split["val_groups"] and not set(split["val_groups"]) & {"P1", "P2"}
+    assert split["train_slices"] >= mix["slices"]
+    # a mix-in folder without labelled slices is named
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = CliRunner().invoke(app, ["train", str(phantom), "--mix-in", str(empty), "--out", str(tmp_path / "bad"), "--arch", TINY,
+                                   "--input-size", "32", "--epochs", "1", "--from-scratch"])
+    assert bad.exit_code == 1 and "--mix-in" in bad.output and "empty" in bad.output

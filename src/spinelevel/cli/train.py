@@ -79,6 +79,8 @@ def train(
     class_weights: Annotated[str, typer.Option("--class-weights", help="Loss class weights: none, balanced or sqrt.")] = "none",
     samples_per_epoch: Annotated[int | None, typer.Option("--samples-per-epoch", min=1, help="Random training slices per epoch (default: all).")] = None,
     max_val_slices: Annotated[int | None, typer.Option("--max-val-slices", min=1, help="Validate on at most this many (evenly spaced) slices.")] = None,
+    mix_in: Annotated[list[Path] | None, typer.Option("--mix-in", help="Inputs (DICOM with --labels, NIfTI cases) mixed into every epoch, e.g. a few labelled real CT series beside phantoms: always trained on, never validated; repeatable.")] = None,
+    mix_share: Annotated[float, typer.Option("--mix-share", min=0.01, max=0.99, help="Share of each epoch's slices drawn from --mix-in (drawn again when they are fewer).")] = 0.25,
     no_augment: Annotated[bool, typer.Option("--no-augment", help="Switch augmentation off.")] = False,
     augment: Annotated[str, typer.Option("--augment", help="paper (rotation, zoom, flips) domain (the paper's plus field-of-view crops, HU scale/shift, blur/sharpen and noise: for phantoms towards real CT) or domain-spine (domain plus spine-centred cut-outs in a quarter of the slices, as spine CT is often shared).")] = "paper",
     freeze_bn: Annotated[bool, typer.Option("--freeze-bn", help="Keep BatchNorm statistics fixed while training (always on when --pretrained is an .onnx).")] = False,
@@ -125,6 +127,8 @@ def train(
             threads=threads,
             workers=workers,
             cache=not no_cache,
+            mix_in=tuple(mix_in or ()),
+            mix_share=mix_share,
         )
         with RichTrainProgress(not quiet and stderr.is_terminal) as progress:
             result = run_training(data, labels or [], config, progress)

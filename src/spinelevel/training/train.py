@@ -38,7 +38,7 @@ from spinelevel.engine.preprocess import PreprocessSpec
 from spinelevel.errors import InputError, ModelError
 from spinelevel.training import require_torch
 from spinelevel.training.augment import AugmentSpec
-from spinelevel.training.data import HUCache, SliceSet, collect_slices, model_input, split_by_group
+from spinelevel.training.data import HUCache, SliceItem, SliceSet, collect_slices, model_input, split_by_group
 
 __all__ = [
     "HISTORY_COLUMNS",
@@ -115,6 +115,11 @@ class TrainConfig:
     cache: bool = True
     # Skip series with fewer slices (the engine's --min-slices; 1 keeps all).
     min_slices: int = 1
+    # Inputs mixed into every epoch (for example a few labelled real CT series beside phantoms):
+    # always trained on, never validated, drawn as `mix_share` of each epoch's slices.
+    mix_in: tuple[Path, ...] = ()
+    # Share of each epoch's slices drawn from `mix_in` (with replacement when they are fewer).
+    mix_share: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -408,6 +413,8 @@ def train(paths: Sequence[Path], labels: Sequence[Path], config: TrainConfig, pr
         raise InputError("--epochs and --batch-size must be >= 1, --input-size >= 16 and --lr > 0")
     if config.schedule not in ("constant", "cosine"):
         raise InputError(f"--schedule {config.schedule!r} must be constant or cosine")
+    if config.mix_in and not 0.0 < config.mix_share < 1.0:
+        raise InputError(f"--mix-share {config.mix_share} must be between 0 and 1 (exclusive)")
     state_file = out / "last.state.pt"
     if state_file.exists() and not config.resume:
         raise InputError(f"{out} already holds a training run (last.state.pt); give --resume to continue it or another --out")
@@ -431,6 +438,47 @@ def train(paths: Sequence[Path], labels: Sequence[Path], config: TrainConfig, pr
         handler.close()
 
 
+def _mixed_in(items: Sequence[SliceItem], mix_in: Sequence[Path]) -> set[int]:
+    """Indices of the items whose file (DICOM file, archive or NIfTI volume) lies in a --mix-in input."""
+    if not mix_in:
+        return set()
+    roots = [Path(p).resolve() for p in mix_in]
+
+    def inside(path: str) -> bool:
+        f = Path(path).resolve()
+        return any(f == r or r in f.parents for r in roots)
+
+    return {i for i, it in enumerate(items) if inside(it.ref.path)}
+
+
+def epoch_order(base: Sequence[int], mix: Sequence[int], samples: int | None, mix_share: float, rng: np.random.Generator) -> list[int]:
+    """One epoch's training slices, shuffled.
+
+    Without ``mix``: ``samples`` of ``base`` drawn without replacement (all of them when ``samples``
+    is None or larger). With ``mix``: the epoch holds ``samples`` slices (default: ``len(base)`` plus
+    the mixed-in share), ``round(mix_share * n)`` of them from ``mix`` (without replacement while
+    ``mix`` is large enough, else every mixed-in slice and the rest drawn again) and the others
+    from ``base`` without replacement.
+    """
+    if not mix:
+        if samples is not None and samples < len(base):
+            return [base[i] for i in rng.choice(len(base), size=samples, replace=False)]
+        return [base[i] for i in rng.permutation(len(base))]
+    if not 0.0 < mix_share < 1.0:
+        raise InputError(f"--mix-share {mix_share} must be between 0 and 1 (exclusive)")
+    n = samples if samples is not None else round(len(base) / (1.0 - mix_share))
+    n_mix = min(n, max(1, round(mix_share * n)))
+    n_base = min(len(base), n - n_mix)
+    picked_base = rng.choice(len(base), size=n_base, replace=False) if n_base else np.zeros(0, dtype=int)
+    if n_mix <= len(mix):
+        picked_mix = rng.choice(len(mix), size=n_mix, replace=False)
+    else:
+        picked_mix = np.concatenate([rng.permutation(len(mix)) for _ in range(n_mix // len(mix))]
+                                    + [rng.choice(len(mix), size=n_mix % len(mix), replace=False)])
+    order = [base[i] for i in picked_base] + [mix[i] for i in picked_mix]
+    return [order[i] for i in rng.permutation(len(order))]
+
+
 def _train(paths: Sequence[Path], labels: Sequence[Path], config: TrainConfig, progress: TrainProgress, out: Path, state_file: Path) -> TrainResult:
     import torch
 
@@ -441,8 +489,17 @@ def _train(paths: Sequence[Path], labels: Sequence[Path], config: TrainConfig, p
     device = _device(config.device)
     log.info("training %s at %d px on %s, config %s", config.arch, config.input_size, device, {k: str(v) for k, v in asdict(config).items()})
 
-    data = collect_slices(paths, labels, min_slices=config.min_slices)
-    train_idx, val_idx = split_by_group(data.items, config.val_fraction, config.seed)
+    data = collect_slices([*paths, *config.mix_in], labels, min_slices=config.min_slices)
+    mixed = _mixed_in(data.items, config.mix_in)
+    base = [i for i in range(len(data.items)) if i not in mixed]
+    if config.mix_in and not mixed:
+        raise InputError(f"--mix-in {', '.join(map(str, config.mix_in))}: no labelled slices found there")
+    if config.mix_in and not base:
+        raise InputError("--mix-in needs other training data beside it (the mixed-in slices are a share of each epoch)")
+    base_train, val_idx = split_by_group([data.items[i] for i in base], config.val_fraction, config.seed)
+    base_train, val_idx = [base[i] for i in base_train], [base[i] for i in val_idx]
+    mix_idx = sorted(mixed)
+    train_idx = [*base_train, *mix_idx]
     if config.max_val_slices is not None and len(val_idx) > config.max_val_slices:
         pick = np.linspace(0, len(val_idx) - 1, config.max_val_slices).round().astype(int)
         val_idx = [val_idx[i] for i in np.unique(pick)]
@@ -518,6 +575,8 @@ def _train(paths: Sequence[Path], labels: Sequence[Path], config: TrainConfig, p
         "loss": "cross-entropy" + ("" if weights is None else f" (class weights {config.class_weights})"),
         "augment": asdict(config.augment),
         "samples_per_epoch": config.samples_per_epoch,
+        "mix_in": ({"inputs": [str(p) for p in config.mix_in], "share": config.mix_share, "slices": len(mix_idx),
+                    "groups": sorted({data.items[i].group for i in mix_idx})} if config.mix_in else None),
         "pretrained": pretrained_info,
         "freeze_bn": freeze_bn,
         "preprocess": config.preprocess,
@@ -529,11 +588,7 @@ def _train(paths: Sequence[Path], labels: Sequence[Path], config: TrainConfig, p
     for epoch in range(start, config.epochs):
         t0 = time.perf_counter()
         order_rng = np.random.default_rng([config.seed, epoch, 7])
-        if config.samples_per_epoch is not None and config.samples_per_epoch < len(train_idx):
-            chosen = order_rng.choice(len(train_idx), size=config.samples_per_epoch, replace=False)
-        else:
-            chosen = order_rng.permutation(len(train_idx))
-        epoch_idx = [train_idx[i] for i in chosen]
+        epoch_idx = epoch_order(base_train, mix_idx, config.samples_per_epoch, config.mix_share, order_rng)
         tr = _Slices(data, epoch_idx, cache, spec, config.augment, config.seed, epoch)
         lr = float(optimizer.param_groups[0]["lr"])
         # A last partial batch is dropped in training (BatchNorm cannot train on a batch of one);
