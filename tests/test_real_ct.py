@@ -208,6 +208,7 @@ def test_real_ct_folds_hold_each_case_out_of_its_fine_tune(tmp_path) -> None:  #
     labels = [args[i + 1] for i, a in enumerate(args) if a == "--labels"]
     assert mixed == [str(tmp_path / "trunk" / "dicom"), str(tmp_path / "cutout" / "dicom")]  # neither the held-out case nor a diagnostic variant
     assert labels == [str(tmp_path / "trunk" / "labels.parquet"), str(tmp_path / "cutout" / "labels.parquet")]
+    assert phase["mix_cases"] == ["trunk", "cutout"]
     assert args[args.index("--mix-share") + 1] == str(folds.train_demo.RECIPE["real_ct_folds"]["mix_share"])
     base = next(p for p in folds.train_demo.RECIPE["experiments"] if p["name"] == folds.train_demo.RECIPE["real_ct_folds"]["base"])
     assert args[1:3] == [str(tmp_path / "work" / d) for d in base["data"]] and "--resume" not in args
@@ -220,3 +221,9 @@ def test_real_ct_folds_hold_each_case_out_of_its_fine_tune(tmp_path) -> None:  #
     assert [(r["case"], r["acc_decoded"], r["fold_model_sha256"]) for r in table["cases"]] == [(c, 0.5, f"sha-{c}") for c in ("trunk", "slab", "cutout")]
     assert table["summary"]["mean_decoded_accuracy_whole_trunk"] == 0.5 and table["summary"]["wrong_l3_answers"] == ["trunk", "slab", "cutout"]
     assert "leave-one-patient-out" in folds.real_ct_eval.results_markdown(table)
+    # a fold's own evaluation marks the cases it trained on and leaves them out of the targets
+    recs = [{**_fold_record(c, 1.0 if c != "slab" else 0.5, False), "trained_on": c != "slab"} for c in ("trunk", "slab", "cutout")]
+    sm = folds.real_ct_eval.summarise(recs)
+    assert sm["cases"] == ["slab"] and sm["whole_trunk_cases"] == []
+    md = folds.real_ct_eval.results_markdown({**per_fold["slab"], "model": "f_slab.onnx", "cases": recs, "summary": sm, "evidence": "x"})
+    assert "| trunk (trained on: not evidence) |" in md and "| slab |" in md and "Evidence kind: x." in md
