@@ -353,3 +353,15 @@ def test_mix_in_trains_on_real_series_and_never_validates_them(dicom_data: tuple
     bad = CliRunner().invoke(app, ["train", str(phantom), "--mix-in", str(empty), "--out", str(tmp_path / "bad"), "--arch", TINY,
                                    "--input-size", "32", "--epochs", "1", "--from-scratch"])
     assert bad.exit_code == 1 and "--mix-in" in bad.output and "empty" in bad.output
+
+
+def test_pretrained_demo_fine_tunes_the_bundled_model(phantom: Path, tmp_path: Path) -> None:
+    from spinelevel.models import bundled_models
+
+    demo = bundled_models()["demo"]  # committed with the package
+    out = tmp_path / "ft"
+    result = CliRunner().invoke(app, ["train", str(phantom), "--out", str(out), "--pretrained", "demo", "--arch", "tf_efficientnetv2_b0",
+                                      "--input-size", "32", "--epochs", "1", "--batch-size", "8", "--samples-per-epoch", "16", "--val-fraction", "0"])
+    assert result.exit_code == 0, result.output
+    tr = read_card(out / "last.safetensors").extra["training"]
+    assert tr["pretrained"]["path"] == str(demo) and tr["freeze_bn"] is True

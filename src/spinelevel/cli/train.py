@@ -71,7 +71,7 @@ def train(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Slices per step.")] = 16,
     lr: Annotated[float, typer.Option("--lr", min=0.0, help="Adam learning rate.")] = 1e-4,
     schedule: Annotated[str, typer.Option("--schedule", help="Learning-rate schedule: constant (the paper) or cosine.")] = "constant",
-    pretrained: Annotated[Path | None, typer.Option("--pretrained", help="Local weights to start from: ImageNet .safetensors/.pth, a spinelevel checkpoint, or an exported spinelevel .onnx (fine-tuning; BatchNorm then stays frozen); default: timm's local cache if it has them.")] = None,
+    pretrained: Annotated[Path | None, typer.Option("--pretrained", help="Local weights to start from: ImageNet .safetensors/.pth, a spinelevel checkpoint, an exported spinelevel .onnx (fine-tuning; BatchNorm then stays frozen) or 'demo' (the bundled model, with --arch tf_efficientnetv2_b0); default: timm's local cache if it has them.")] = None,
     no_cache_weights: Annotated[bool, typer.Option("--from-scratch", help="Do not look for pretrained weights in the local cache.")] = False,
     val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.0, max=0.95, help="Share of patients/studies/series for validation.")] = 0.2,
     seed: Annotated[int, typer.Option("--seed", help="Seed of split, initialisation, sampling and augmentation.")] = 0,
@@ -97,6 +97,7 @@ def train(
     for handler in logging.getLogger().handlers:
         handler.setLevel(logging.DEBUG if verbose else logging.WARNING)
     with fail_cleanly():
+        from spinelevel.models import resolve_model
         from spinelevel.training import require_torch
 
         require_torch()
@@ -113,7 +114,7 @@ def train(
             batch_size=batch_size,
             lr=lr,
             schedule=schedule,
-            pretrained=pretrained,
+            pretrained=None if pretrained is None else resolve_model(pretrained),
             use_cache=not no_cache_weights,
             val_fraction=val_fraction,
             seed=seed,
