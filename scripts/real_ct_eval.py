@@ -666,9 +666,14 @@ def evaluate_case(case: Case, model: str, runs: Path, threads: int, level_extent
     return rec
 
 
+def _scored(record: dict[str, Any]) -> bool:
+    """Whether a case counts towards the targets: not a diagnostic variant, not trained on."""
+    return not record["diagnostic"] and not record.get("trained_on")
+
+
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     """The issue's target numbers over the cases (not diagnostic variants, not cases the model trained on)."""
-    cases = [r for r in records if not r["diagnostic"] and not r.get("trained_on")]
+    cases = [r for r in records if _scored(r)]
     trunk = [r for r in cases if r["whole_trunk"]]
     singles = [r["single_slice"] for r in cases if r["single_slice"]]
     wrong = [r for r in cases if r["l3_wrong"]]
@@ -732,7 +737,7 @@ def results_markdown(results: dict[str, Any]) -> str:
         f"- single real mid-L3 slice called L3: {sm['single_slice_l3']}",
         f"- each slice of the middle third of L3 alone, share called L3 (mean over patients {_f(sm.get('single_slice_band_mean'))}): "
         + (", ".join(f"{c} {r['single_slice_band']['called_l3']}/{r['single_slice_band']['slices']} ({', '.join(f'{k} {v}' for k, v in r['single_slice_band']['calls'].items())})"
-                     for c, r in ((r["case"], r) for r in results["cases"] if r.get("single_slice_band") and not r["diagnostic"] and not r.get("trained_on"))) or "none"),
+                     for c, r in ((r["case"], r) for r in results["cases"] if r.get("single_slice_band") and _scored(r))) or "none"),
         f"- wrong L3 answers ({', '.join(sm['wrong_l3_answers']) or 'none'}) with a doubt flag: {sm['wrong_l3_with_doubt_flag']}; "
         f"right answers with a doubt flag: {sm['correct_l3_with_doubt_flag']}",
         "",
