@@ -104,6 +104,30 @@ def test_siemens_labels_are_keyed_by_the_files(rce) -> None:  # noqa: ANN001
     assert verts == {"T11", "T12"}
 
 
+def test_disc_labels_reproduce_the_mask_labels_of_the_whole_trunk_scan(example_ct, tmp_path) -> None:  # noqa: ANN001
+    """`spinelevel label` on the real whole-trunk scan, each disc placed midway between the last
+    mask-labelled slice of one level and the first of the next: wherever both tables label a slice
+    they agree, and the disc labels cover nearly every mask-labelled slice (keys, z and order are
+    the engine's, so the mask table and the disc table name the same slices)."""
+    from typer.testing import CliRunner
+
+    from spinelevel.cli import app
+
+    masks = pq.read_table(example_ct.labels).to_pylist()
+    z_of = {lev: [r["z_mm"] for r in masks if r["level"] == lev] for lev in ("T", "L1", "L2", "L3", "L4", "L5", "S")}
+    pairs = (("T12/L1", "T", "L1"), ("L1/L2", "L1", "L2"), ("L2/L3", "L2", "L3"), ("L3/L4", "L3", "L4"), ("L4/L5", "L4", "L5"), ("L5/S1", "L5", "S"))
+    discs = ",".join(f"{name}={(min(z_of[up]) + max(z_of[down])) / 2:.1f}" for name, up, down in pairs)
+    out = tmp_path / "discs.parquet"
+    r = CliRunner().invoke(app, ["label", str(example_ct.dicom), "--discs", discs, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    by_disc = {row["sop_uid"]: row for row in pq.read_table(out).to_pylist()}
+    assert set(by_disc) == {row["sop_uid"] for row in masks}
+    both = [row for row in masks if row["level"] is not None and by_disc[row["sop_uid"]]["level"] is not None]
+    assert [(row["z_mm"], row["level"], by_disc[row["sop_uid"]]["level"]) for row in both if by_disc[row["sop_uid"]]["level"] != row["level"]] == []
+    assert len(both) >= 0.9 * sum(row["level"] is not None for row in masks)
+    assert [by_disc[row["sop_uid"]]["z_mm"] for row in masks] == pytest.approx([row["z_mm"] for row in masks], abs=1e-3)
+
+
 @pytest.mark.slow
 def test_evaluation_runs_end_to_end(rce, example_ct, model_path, tmp_path) -> None:  # noqa: ANN001
     rec = rce.evaluate_case(example_ct, str(model_path), tmp_path / "runs", threads=1)

@@ -30,6 +30,7 @@ def _register() -> None:
     from spinelevel.cli import report as _report  # noqa: F401
     from spinelevel.cli import extract as _extract  # noqa: F401
     from spinelevel.cli import quantize as _quantize  # noqa: F401
+    from spinelevel.cli import label as _label  # noqa: F401
 
 
 _register()

@@ -117,7 +117,7 @@ def _runs(values: Sequence[str | None]) -> list[tuple[str | None, int, int]]:
     return runs
 
 
-def draw_reconstruction(hu: np.ndarray, mm_per_px: float, band: Band, *, scale: float = 1.0, text: bool = True, title: str = "", orientation: tuple[str, str] = ("A", "P")):  # noqa: ANN201 - PIL Image
+def draw_reconstruction(hu: np.ndarray, mm_per_px: float, band: Band, *, scale: float = 1.0, text: bool = True, title: str = "", orientation: tuple[str, str] = ("A", "P"), ruler_z_mm: float | None = None):  # noqa: ANN201 - PIL Image
     """Picture of one reconstruction with its level band, argmax band, level names and L3 line.
 
     Args:
@@ -128,6 +128,9 @@ def draw_reconstruction(hu: np.ndarray, mm_per_px: float, band: Band, *, scale: 
         text: draw level names, title, legend and orientation letters (full size).
         title: a line above the image (full size only).
         orientation: letters for the left and right edges of the image.
+        ruler_z_mm: patient z of slice 0: draw a ruler of patient z down the image's left edge
+            (a tick every 10 mm, numbered every 20 mm), so positions can be read off the picture
+            (``spinelevel label``); slices run towards the feet, z falling.
 
     Returns:
         An RGB ``PIL.Image``.
@@ -198,21 +201,40 @@ def draw_reconstruction(hu: np.ndarray, mm_per_px: float, band: Band, *, scale: 
                 continue
             draw.text((lx, yc), lev, fill=colours.get(lev, _UNKNOWN), font=font)
             last_y = yc
+        if ruler_z_mm is not None:
+            _ruler(draw, top, h, px_mm, float(ruler_z_mm), small)
         draw.text((3, top + 3), orientation[0], fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
         draw.text((w - 12, top + 3), orientation[1], fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
         if title:
             draw.text((3, 4), title, fill=(230, 230, 230), font=small)
-        _legend(draw, 3, top + h + 4, band.colours, font, small)
+        _legend(draw, 3, top + h + 4, band.colours, font, small, ruler=ruler_z_mm is not None)
     return img
 
 
-def _legend(draw, x: int, y: int, colours: dict[str, tuple[int, int, int]], font, small) -> None:  # noqa: ANN001
+def _ruler(draw, top: int, h: int, px_mm: float, z0: float, small) -> None:  # noqa: ANN001
+    """Ticks of patient z every 10 mm down the left edge (row r is z0 - r * px_mm)."""
+    z_bottom = z0 - h * px_mm
+    for z in range(int(np.ceil(z_bottom / 10.0)) * 10, int(np.floor(z0 / 10.0)) * 10 + 1, 10):
+        r = top + int(round((z0 - z) / px_mm))
+        if not top <= r < top + h:
+            continue
+        long = z % 20 == 0
+        draw.line([(0, r), (10 if long else 5, r)], fill=(255, 255, 255), width=1)
+        if long:
+            draw.text((12, r - 6), f"{z}", fill=(255, 255, 255), font=small, stroke_width=2, stroke_fill=(0, 0, 0))
+
+
+def _legend(draw, x: int, y: int, colours: dict[str, tuple[int, int, int]], font, small, ruler: bool = False) -> None:  # noqa: ANN001
     cx = x
     for c, rgb in colours.items():
         draw.rectangle([cx, y + 2, cx + 11, y + 13], fill=rgb)
         draw.text((cx + 14, y), c, fill=(230, 230, 230), font=font)
         cx += 14 + int(draw.textlength(c, font=font)) + 8
     y2 = y + 20
+    if ruler:  # the labelling preview: no model output, a ruler instead
+        draw.rectangle([x, y2 + 1, x + 11, y2 + 12], fill=(60, 60, 60))
+        draw.text((x + 15, y2), "no label (disc margin)    left ruler: patient z, mm", fill=(200, 200, 200), font=small)
+        return
     draw.rectangle([x, y2 + 5, x + 11, y2 + 7], fill=(230, 230, 230))
     draw.text((x + 15, y2), "argmax differs (tick in argmax colour)", fill=(200, 200, 200), font=small)
     lx = x + 15 + int(draw.textlength("argmax differs (tick in argmax colour)", font=small)) + 12
