@@ -189,3 +189,32 @@ def test_write_labels_keeps_extra_columns(tmp_path: Path) -> None:
     rows = pq.read_table(out).to_pylist()
     assert rows[0]["patient_id"] == "p1" and rows[1]["patient_id"] is None and rows[1]["level"] is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l.parquet"]  # no temporary file left
+
+
+def test_suggest_discs_finds_the_dark_gaps_in_the_body_not_in_the_sternum() -> None:
+    import numpy as np
+
+    from spinelevel.training.discs import suggest_discs
+
+    z = 300.0 - 2.0 * np.arange(120)  # 2 mm slices, 300 to 62
+    discs = [270.0, 235.0, 200.0, 165.0, 130.0, 95.0]
+    lines = np.full((120, 140), -50.0, dtype=np.float32)  # soft tissue; rows anterior -> posterior, 1 mm
+    lines[:, 50:85] = 230.0  # vertebral bodies
+    lines[:, 95:120] = 400.0  # posterior elements behind the canal
+    lines[:, 5:22] = 500.0  # a sternum-like plate in front, with gaps of its own
+    for k, zk in enumerate(z):
+        if any(abs(zk - d) <= 4.0 for d in discs):
+            lines[k, 50:85] = 80.0
+        if abs((zk - 10.0) % 30.0 - 15.0) < 3.0:
+            lines[k, 5:22] = 20.0
+    found = suggest_discs(lines, z, 1.0, 66)
+    assert len(found) == len(discs) and all(abs(f - d) <= 1.0 for (f, _), d in zip(found, discs))  # a slice of the 2 mm grid
+    assert all(p > 100 for _, p in found)
+    assert suggest_discs(lines[:3], z[:3], 1.0, 66) == []  # too short to say
+
+
+def test_cli_suggest_alone_prints_the_suggestions(tmp_path: Path) -> None:
+    _series(tmp_path / "ct")
+    r = runner.invoke(app, ["label", str(tmp_path / "ct"), "--suggest"])
+    assert r.exit_code == 0, r.output
+    assert "suggested discs, superior first" in r.output

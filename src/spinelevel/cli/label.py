@@ -35,12 +35,14 @@ def label(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Labels table to write (Parquet, or CSV by suffix); an existing table keeps its other series.")] = None,
     preview: Annotated[Path | None, typer.Option("--preview", help="PNG: sagittal and coronal reconstructions with a patient-z ruler (and the labels, with --discs).")] = None,
     series: Annotated[str | None, typer.Option("--series", help="SeriesInstanceUID (or a unique prefix) when the paths hold more than one series.")] = None,
+    suggest: Annotated[bool, typer.Option("--suggest", help="Find likely disc positions (dark gaps between the vertebral bodies on the midline), print them and mark them on --preview; which is which is yours to decide.")] = False,
     margin: Annotated[float, typer.Option("--margin", help="Slices within this many mm of a disc are excluded (null level).", min=0.0)] = 4.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Label every slice of a series from the positions of its discs, for training or evaluation.
 
-    Read the patient z of the discs in a viewer, or off the ruler of --preview; then --discs gives
+    Read the patient z of the discs in a viewer, or off the ruler of --preview (--suggest marks
+    where the discs probably are: name them by counting from the sacrum or the last rib); then --discs gives
     each slice the level between its discs (T above T12/L1, S below L5/S1) and excludes slices
     within --margin mm of a disc. The table works with 'spinelevel train --labels/--mix-in' and
     'spinelevel evaluate --labels'.
@@ -59,8 +61,8 @@ def label(
             raise InputError("--discs needs --out (the labels table to write)")
         if out is not None and discs is None:
             raise InputError("--out needs --discs (the disc positions to label from)")
-        if discs is None and preview is None:
-            raise InputError("nothing to do: give --discs with --out (write labels) and/or --preview (draw the series)")
+        if discs is None and preview is None and not suggest:
+            raise InputError("nothing to do: give --discs with --out (write labels), --preview (draw the series) and/or --suggest")
         given = parse_discs(discs) if discs is not None else None
         missing = [str(p) for p in paths if not p.exists()]
         if missing:
@@ -74,7 +76,18 @@ def label(
             raise InputError(f"series {plan.series_uid} is multi-frame (Enhanced CT): a labels table names slices by SOPInstanceUID, "
                              "which its frames share, so it cannot label them one by one")
         z = [ref.z_mm for ref in plan.slices]
+        sources = [ref.source.label for ref in plan.slices]
         levels: list[str | None] = [None] * len(z)
+        marks: list[float] = []
+        if suggest:
+            from spinelevel.report.volume import read_midline
+            from spinelevel.training.discs import suggest_discs
+
+            mid = read_midline(tuple(sources))
+            found = suggest_discs(mid.lines, z, mid.row_mm, mid.body_row)
+            marks = [zd for zd, _ in found]
+            stdout.print("suggested discs, superior first (z mm, prominence HU): "
+                         + (", ".join(f"{zd:.1f} ({p:.0f})" for zd, p in found) or "none found"), soft_wrap=True, highlight=False)
         if given is not None:
             assert out is not None
             levels = levels_from_discs(z, given, DiscOptions(margin_mm=margin))
@@ -87,5 +100,5 @@ def label(
             from spinelevel.report.preview import draw_preview
 
             title = f"{len(z)} slices, z {z[0]:.1f} to {z[-1]:.1f} mm"
-            draw_preview([ref.source.label for ref in plan.slices], z, levels, CLASSES, preview, title=title)
+            draw_preview(sources, z, levels, CLASSES, preview, title=title, marks_z_mm=marks)
             stderr.print(f"preview in {preview}")

@@ -15,7 +15,7 @@ __all__ = ["draw_preview"]
 
 
 def draw_preview(sources: Sequence[str], z_mm: Sequence[float], levels: Sequence[str | None], classes: Sequence[str], path: Path,
-                 title: str = "", frames: Sequence[int | None] = ()) -> Path:
+                 title: str = "", frames: Sequence[int | None] = (), marks_z_mm: Sequence[float] = ()) -> Path:
     """Write ``path`` (PNG): sagittal and coronal slab MIPs with the level band and a z ruler.
 
     Args:
@@ -26,6 +26,7 @@ def draw_preview(sources: Sequence[str], z_mm: Sequence[float], levels: Sequence
         path: the PNG to write.
         title: a line above each reconstruction.
         frames: 1-based frame per slice for multi-frame files.
+        marks_z_mm: patient z of positions to mark (suggested discs).
 
     Raises:
         DecodeError: the series's files cannot be read.
@@ -39,7 +40,7 @@ def draw_preview(sources: Sequence[str], z_mm: Sequence[float], levels: Sequence
     views = read_views(tuple(sources), z, None, VolumeOptions(), tuple(frames))
     band = Band(positions(z), tuple(levels), tuple([None] * len(levels)), None, level_colours(tuple(classes)))
     pictures = [
-        draw_reconstruction(hu, views.mm_per_px, band, title=f"{name} {title}".strip(), orientation=orient, ruler_z_mm=float(z[0]))
+        draw_reconstruction(hu, views.mm_per_px, band, title=f"{name} {title}".strip(), orientation=orient, ruler_z_mm=float(z[0]), marks_z_mm=marks_z_mm)
         for name, hu, orient in (("sagittal", views.sagittal, ("A", "P")), ("coronal", views.coronal, ("R", "L")))
     ]
     gap = 8

@@ -117,7 +117,7 @@ def _runs(values: Sequence[str | None]) -> list[tuple[str | None, int, int]]:
     return runs
 
 
-def draw_reconstruction(hu: np.ndarray, mm_per_px: float, band: Band, *, scale: float = 1.0, text: bool = True, title: str = "", orientation: tuple[str, str] = ("A", "P"), ruler_z_mm: float | None = None):  # noqa: ANN201 - PIL Image
+def draw_reconstruction(hu: np.ndarray, mm_per_px: float, band: Band, *, scale: float = 1.0, text: bool = True, title: str = "", orientation: tuple[str, str] = ("A", "P"), ruler_z_mm: float | None = None, marks_z_mm: Sequence[float] = ()):  # noqa: ANN201 - PIL Image
     """Picture of one reconstruction with its level band, argmax band, level names and L3 line.
 
     Args:
@@ -131,6 +131,8 @@ def draw_reconstruction(hu: np.ndarray, mm_per_px: float, band: Band, *, scale: 
         ruler_z_mm: patient z of slice 0: draw a ruler of patient z down the image's left edge
             (a tick every 10 mm, numbered every 20 mm), so positions can be read off the picture
             (``spinelevel label``); slices run towards the feet, z falling.
+        marks_z_mm: patient z of positions to mark with a red tick and their z (suggested discs);
+            needs ``ruler_z_mm``.
 
     Returns:
         An RGB ``PIL.Image``.
@@ -203,6 +205,11 @@ def draw_reconstruction(hu: np.ndarray, mm_per_px: float, band: Band, *, scale: 
             last_y = yc
         if ruler_z_mm is not None:
             _ruler(draw, top, h, px_mm, float(ruler_z_mm), small)
+            for zm in marks_z_mm:
+                r = top + int(round((float(ruler_z_mm) - float(zm)) / px_mm))
+                if top <= r < top + h:
+                    draw.line([(w - 28, r), (w - 1, r)], fill=(255, 64, 64), width=2)
+                    draw.text((w - 66, r - 13), f"{zm:.0f}", fill=(255, 96, 96), font=small, stroke_width=2, stroke_fill=(0, 0, 0))
         draw.text((3, top + 3), orientation[0], fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
         draw.text((w - 12, top + 3), orientation[1], fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
         if title:

@@ -41,7 +41,7 @@ from spinelevel.engine.frames import frame_value
 from spinelevel.engine.sources import Source
 from spinelevel.errors import DecodeError
 
-__all__ = ["VolumeOptions", "SeriesViews", "canonical_axial", "slice_geometry", "parse_label", "positions", "source_for_label", "read_slice", "read_views", "pick_planes"]
+__all__ = ["VolumeOptions", "SeriesViews", "Midline", "read_midline", "canonical_axial", "slice_geometry", "parse_label", "positions", "source_for_label", "read_slice", "read_views", "pick_planes"]
 
 log = logging.getLogger(__name__)
 
@@ -345,6 +345,68 @@ def _choose(pos_mm: np.ndarray, want: int) -> np.ndarray:
     return np.unique(nearer)
 
 
+def _probe_planes(get, n: int, failures: list[str], options: VolumeOptions):  # noqa: ANN001, ANN202
+    """Read the probe slices and place the planes: (probe indices, slice shape, spacing, (x, y))."""
+    inner = np.arange(n)[int(0.1 * n) : max(int(0.9 * n), int(0.1 * n) + 1)]
+    probe_idx = inner[np.linspace(0, len(inner) - 1, min(options.probe_slices, len(inner))).round().astype(int)] if len(inner) else np.arange(n)
+    probes = [s for s in (get(int(i)) for i in probe_idx) if s is not None]
+    if not probes:
+        first = next((get(i) for i in range(min(n, 3)) if get(i) is not None), None)
+        if first is None:
+            raise DecodeError(failures[0] if failures else "no slice could be read")
+        probes = [first]
+    shape, spacing = probes[0].hu.shape, probes[0].spacing
+    probes = [p.hu for p in probes if p.hu.shape == shape]
+    return probe_idx, shape, spacing, pick_planes(probes, spacing, options.slab_mm)
+
+
+@dataclass(frozen=True)
+class Midline:
+    """Every slice's line through the spine's sagittal plane, for finding the discs."""
+
+    # (slices, rows) HU: per slice, the mean over ``half_mm`` either side of the sagittal plane,
+    # rows anterior -> posterior (NaN for a slice that could not be read).
+    lines: np.ndarray
+    # Row spacing of the lines, mm.
+    row_mm: float
+    # Row of the vertebral body's centre found on the probe slices (pick_planes).
+    body_row: int
+
+
+def read_midline(sources: tuple[str, ...], options: VolumeOptions = VolumeOptions(), frames: tuple[int | None, ...] = (), half_mm: float = 4.0) -> Midline:
+    """Read every slice of a series and keep its mean line through the spine's sagittal plane.
+
+    A mean over a thin slab, not a MIP: the discs are darker than the vertebral bodies only in the
+    mean (a MIP shows the posterior elements and endplates instead). Every slice is read, since a
+    disc spans a few millimetres.
+
+    Raises:
+        DecodeError: no slice could be read.
+    """
+    n = len(sources)
+    failures: list[str] = []
+    cache: dict[int, _Slice | None] = {}
+
+    def get(i: int) -> _Slice | None:
+        if i not in cache:
+            try:
+                cache[i] = read_slice(sources[i], options.max_file_bytes, frames[i] if frames else None)
+            except DecodeError as exc:
+                failures.append(str(exc))
+                cache[i] = None
+        return cache[i]
+
+    _, shape, spacing, (x, y) = _probe_planes(get, n, failures, options)
+    half = max(0, round(half_mm / spacing[1]))
+    lines = np.full((n, shape[0]), np.nan, dtype=np.float32)
+    for i in range(n):
+        s = get(i)
+        cache.pop(i, None)
+        if s is not None and s.hu.shape == shape:
+            lines[i] = s.hu[:, max(0, x - half) : x + half + 1].mean(axis=1)
+    return Midline(lines, float(spacing[0]), int(y))
+
+
 def read_views(sources: tuple[str, ...], z_mm: np.ndarray, l3_position: int | None, options: VolumeOptions = VolumeOptions(), frames: tuple[int | None, ...] = ()) -> SeriesViews:
     """Read a series and build its sagittal and coronal slab reconstructions and its L3 slice.
 
@@ -374,17 +436,7 @@ def read_views(sources: tuple[str, ...], z_mm: np.ndarray, l3_position: int | No
         return cache[i]
 
     # 1. probes
-    inner = np.arange(n)[int(0.1 * n) : max(int(0.9 * n), int(0.1 * n) + 1)]
-    probe_idx = inner[np.linspace(0, len(inner) - 1, min(options.probe_slices, len(inner))).round().astype(int)] if len(inner) else np.arange(n)
-    probes = [s for s in (get(int(i)) for i in probe_idx) if s is not None]
-    if not probes:
-        first = next((get(i) for i in range(min(n, 3)) if get(i) is not None), None)
-        if first is None:
-            raise DecodeError(failures[0] if failures else "no slice could be read")
-        probes = [first]
-    shape, spacing = probes[0].hu.shape, probes[0].spacing
-    probes = [p.hu for p in probes if p.hu.shape == shape]
-    x, y = pick_planes(probes, spacing, options.slab_mm)
+    probe_idx, shape, spacing, (x, y) = _probe_planes(get, n, failures, options)
 
     # 2. output grid: square pixels, about target_rows rows, at most 640 columns
     width_mm = max(shape[0] * spacing[0], shape[1] * spacing[1])

@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from spinelevel.errors import InputError
 
-__all__ = ["DISCS", "DiscOptions", "parse_discs", "levels_from_discs", "label_rows", "write_labels"]
+__all__ = ["DISCS", "DiscOptions", "parse_discs", "levels_from_discs", "suggest_discs", "label_rows", "write_labels"]
 
 # The discs that separate two classes, superior first, with the class above and below each.
 DISCS: tuple[tuple[str, str, str], ...] = (
@@ -147,6 +149,85 @@ def levels_from_discs(z_mm: Sequence[float], discs: Mapping[str, float], options
             continue
         out.append(next(below for (_, _, below, z1), (_, _, _, z2) in zip(given, given[1:]) if z2 < z < z1))
     return out
+
+
+def suggest_discs(lines: np.ndarray, z_mm: Sequence[float], row_mm: float, body_row: int, *, bone_hu: float = 150.0,
+                  min_body_mm: float = 12.0, min_gap_mm: float = 18.0, prominence_hu: float = 15.0) -> list[tuple[float, float]]:
+    """Where the discs probably are: minima of the HU profile through the vertebral bodies.
+
+    Per slice, the vertebral body is the run of bone (above ``bone_hu``, at least ``min_body_mm``
+    deep) on the midline that lies nearest the body track: first the body row found on a few slices
+    (``body_row``), then that choice smoothed over 30 mm. The profile is the mean HU of the middle
+    60 % of the body's depth; a disc (water-like, about 80 HU) is darker than the trabecular bone
+    and endplates around it. A suggestion, not a label: which minimum is which disc is for a person
+    to decide (count from the sacrum or the last rib), and an oblique disc (L5/S1 in a strong
+    lordosis) sits a few millimetres off its middle.
+
+    Args:
+        lines: (slices, rows) HU along the midline, rows anterior -> posterior
+            (:func:`spinelevel.report.volume.read_midline`), slices most superior first.
+        z_mm: patient z per slice.
+        row_mm: row spacing of the lines.
+        body_row: row of the vertebral body's centre on a few slices.
+
+    Returns:
+        ``(z, prominence in HU)`` per suggested disc, most superior first.
+    """
+    from scipy.ndimage import gaussian_filter1d, median_filter
+    from scipy.signal import find_peaks
+
+    lines = np.asarray(lines, dtype=np.float64)
+    z = np.asarray(z_mm, dtype=np.float64)
+    n = len(z)
+    if n < 5 or lines.shape[0] != n:
+        return []
+    dz = float(np.median(np.abs(np.diff(z)))) or 1.0
+    min_rows = max(1, int(round(min_body_mm / row_mm)))
+
+    def runs(k: int) -> list[tuple[int, int]]:
+        line = lines[k]
+        if not np.isfinite(line).all():
+            return []
+        bone = np.concatenate([[False], line > bone_hu, [False]])
+        edges = np.flatnonzero(np.diff(bone.astype(np.int8)))
+        return [(int(a), int(b) - 1) for a, b in zip(edges[::2], edges[1::2]) if b - a >= min_rows]
+
+    found = [runs(k) for k in range(n)]
+
+    def choose(track: np.ndarray, reach_mm: float) -> tuple[np.ndarray, np.ndarray]:
+        front = np.full(n, np.nan)
+        back = np.full(n, np.nan)
+        for k, rs in enumerate(found):
+            near = [r for r in rs if abs((r[0] + r[1]) / 2 - track[k]) * row_mm <= reach_mm]
+            if near:
+                a, b = min(near, key=lambda r: abs((r[0] + r[1]) / 2 - track[k]))
+                front[k], back[k] = a, b
+        return front, back
+
+    front, back = choose(np.full(n, float(body_row)), 45.0)
+    ok = np.isfinite(front)
+    if ok.sum() < 5:
+        return []
+    idx = np.arange(n)
+    centre = np.interp(idx, idx[ok], ((front + back) / 2)[ok])
+    track = median_filter(centre, size=max(3, int(round(30.0 / dz)) | 1), mode="nearest")
+    front, back = choose(track, 15.0)
+    ok = np.isfinite(front)
+    if ok.sum() < 5:
+        return []
+    front = np.interp(idx, idx[ok], front[ok])
+    back = np.interp(idx, idx[ok], back[ok])
+    profile = np.empty(n)
+    for k in range(n):
+        depth = back[k] - front[k]
+        a, b = int(round(front[k] + 0.2 * depth)), int(round(back[k] - 0.2 * depth)) + 1
+        row = lines[k, a:max(b, a + 1)]
+        profile[k] = float(np.nanmean(row)) if np.isfinite(row).any() else np.nan
+    good = np.isfinite(profile)
+    profile = np.interp(idx, idx[good], profile[good]) if good.any() else profile
+    smooth = gaussian_filter1d(profile, max(0.5, 1.5 / dz))
+    peaks, props = find_peaks(-smooth, distance=max(1, int(round(min_gap_mm / dz))), prominence=prominence_hu)
+    return [(float(z[k]), float(p)) for k, p in zip(peaks, props["prominences"])]
 
 
 def label_rows(study_uid: str, series_uid: str, slices: Sequence[Any], levels: Sequence[str | None]) -> list[dict[str, Any]]:
