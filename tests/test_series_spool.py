@@ -171,3 +171,24 @@ def test_each_run_gets_a_private_spool_and_killed_runs_spools_are_removed(tmp_pa
     assert not stale.exists() and live.exists() and other.exists()
     series_spool.clear(root)
     assert not root.exists()
+
+
+@pytest.mark.parametrize("kind", ["failed", "none"])
+def test_a_marked_answer_appears_whole_to_readers_without_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """Workers read a series' state without its lock (series_spool.lookup): the mark must never be
+    visible half-written, or a failed series' reason reads empty (seen under load in the DICOMweb
+    fault tests as 'instances could not be retrieved ()')."""
+    d = series_spool.series_dir(tmp_path, "http://pacs", "1.2", "1.2.3")
+    seen: list[tuple[str, str]] = []
+    real_replace = series_spool.os.replace
+
+    def replace(src, dst):  # noqa: ANN001, ANN202
+        seen.append((Path(dst).name, series_spool._read_state(d).state))  # what a reader sees just before
+        real_replace(src, dst)
+
+    monkeypatch.setattr(series_spool.os, "replace", replace)
+    series_spool.mark(d, kind, "WADO-RS series retrieve failed: the answer was cut short after 2 tries")
+    assert seen == [("failed.txt" if kind == "failed" else "none.txt", "absent")]
+    state = series_spool._read_state(d)
+    assert state.state == kind and (kind == "none" or "cut short" in state.index["reason"])
+    assert sorted(p.name for p in d.iterdir()) == [seen[0][0]]

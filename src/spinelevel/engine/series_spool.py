@@ -189,7 +189,12 @@ def mark(directory: Path, kind: str, reason: str = "") -> SpoolState:
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
-    (directory / (_FAILED if kind == "failed" else _NONE)).write_text(reason)
+    # written whole, then renamed: readers in other worker processes do not take the lock, and one
+    # that opened the file between its creation and its text took an empty reason
+    name = _FAILED if kind == "failed" else _NONE
+    tmp = directory / (name + ".tmp")
+    tmp.write_text(reason)
+    os.replace(tmp, directory / name)
     return SpoolState(kind, {"reason": reason} if kind == "failed" else {})
 
 
