@@ -218,3 +218,13 @@ def test_cli_suggest_alone_prints_the_suggestions(tmp_path: Path) -> None:
     r = runner.invoke(app, ["label", str(tmp_path / "ct"), "--suggest"])
     assert r.exit_code == 0, r.output
     assert "suggested discs, superior first" in r.output
+
+
+def test_cli_unwritable_outputs_are_one_line_errors(tmp_path: Path) -> None:
+    _series(tmp_path / "ct")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for args, why in ((["--discs", DISCS, "--out", str(blocker / "l.parquet")], "cannot write the labels table"),
+                      (["--preview", str(blocker / "p.png")], "cannot write the preview")):
+        r = runner.invoke(app, ["label", str(tmp_path / "ct"), *args])
+        assert r.exit_code == 1 and why in r.output and "Traceback" not in r.output, r.output

@@ -30,8 +30,11 @@ def draw_preview(sources: Sequence[str], z_mm: Sequence[float], levels: Sequence
 
     Raises:
         DecodeError: the series's files cannot be read.
+        OutputError: ``path`` cannot be written.
     """
     from PIL import Image
+
+    from spinelevel.errors import OutputError
 
     from spinelevel.report.render import Band, draw_reconstruction, level_colours
     from spinelevel.report.volume import VolumeOptions, positions, read_views
@@ -48,6 +51,9 @@ def draw_preview(sources: Sequence[str], z_mm: Sequence[float], levels: Sequence
     out.paste(pictures[0], (0, 0))
     out.paste(pictures[1], (pictures[0].width + gap, 0))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    out.save(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out.save(path, format="PNG")
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write the preview ({exc.strerror or exc})") from None
     return path

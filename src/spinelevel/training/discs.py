@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from spinelevel.errors import InputError
+from spinelevel.errors import InputError, OutputError
 
 __all__ = ["DISCS", "DiscOptions", "parse_discs", "levels_from_discs", "suggest_discs", "label_rows", "write_labels"]
 
@@ -251,6 +251,7 @@ def write_labels(path: Path, rows: list[dict[str, Any]]) -> dict[str, int]:
 
     Raises:
         InputError: ``path`` exists but is not a readable labels table.
+        OutputError: the table cannot be written there.
     """
     import pyarrow as pa
     import pyarrow.csv as pacsv
@@ -281,6 +282,8 @@ def write_labels(path: Path, rows: list[dict[str, Any]]) -> dict[str, int]:
         else:
             pq.write_table(out, tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write the labels table ({exc.strerror or exc})") from None
     finally:
         if tmp.exists():
             tmp.unlink()
