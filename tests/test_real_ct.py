@@ -301,3 +301,47 @@ def test_lungdx_chest_case_from_its_wheel(rce, tmp_path) -> None:  # noqa: ANN00
     assert [r["level"] for r in rows] == ["T"] * 62 + [None, None]
     assert pq.read_table(case.vertebrae).num_rows == 0 and case.judge_only and not case.info["whole_trunk"]
     assert sorted(p.read_bytes() for p in case.dicom.iterdir()) == sorted(f.read_bytes() for f in src.iterdir())
+
+
+def _ar(members: list[tuple[str, bytes]]) -> bytes:
+    out = b"!<arch>\n"
+    for name, data in members:
+        out += f"{name + '/':<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(data):<10}`\n".encode() + data + (b"\n" if len(data) % 2 else b"")
+    return out
+
+
+def test_amos_case_from_a_debian_package(rce, tmp_path) -> None:  # noqa: ANN001
+    """The AMOS case's reader, on a package laid out like libcamitk5-data's (a synthetic volume: the
+    real .deb is 100 MB, fetched by the script): the MetaImage is read from the .deb's data.tar.xz,
+    turned to RAS+, and every slice labelled by the committed disc positions (4 mm margin)."""
+    import io
+    import tarfile
+    import zlib
+
+    ni, nj, nk = 8, 6, 157
+    vol = (np.arange(ni * nj * nk, dtype="<i2") % 700).reshape(nk, nj, ni)  # file order: z, y, x
+    mhd = (f"ObjectType = Image\nNDims = 3\nBinaryData = True\nCompressedData = True\nTransformMatrix = 1 0 0 0 1 0 0 0 1\n"
+           f"Offset = -211 81.6 806\nElementSpacing = 1.58594 1.58594 4\nDimSize = {ni} {nj} {nk}\nElementType = MET_SHORT\n"
+           "ElementDataFile = amos_0336.zraw\n").encode()
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w:xz") as tf:
+        for name, data in (("amos_0336.mhd", mhd), ("amos_0336.zraw", zlib.compress(vol.tobytes())), ("other.txt", b"x")):
+            info = tarfile.TarInfo(f"./usr/share/camitk-5.2/testdata/amos_0336/{name}")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    deb = tmp_path / "fake.deb"
+    deb.write_bytes(_ar([("debian-binary", b"2.0\n"), ("control.tar.xz", b""), ("data.tar.xz", tar.getvalue())]))
+    case = rce.convert_amos_0336(tmp_path / "cases", deb)
+    rows = pq.read_table(case.labels).to_pylist()
+    assert len(rows) == nk and case.judge_only and case.info["whole_trunk"]
+    by_z = {r["z_mm"]: r["level"] for r in rows}
+    assert by_z[1430.0] == "T" and by_z[1158.0] is None and by_z[1154.0] is None and by_z[1150.0] == "L1"
+    assert by_z[1074.0] == "L3" and by_z[986.0] is None and by_z[806.0] == "S"
+    assert case.info["vertebra_extent_mm"]["L3"] == [1054.0, 1090.0]
+    assert {r["vertebra"] for r in pq.read_table(case.vertebrae).to_pylist()} == {"L1", "L2", "L3", "L4", "L5"}
+    # pixels: DICOM rows anterior -> posterior and columns right -> left are the LPS voxel grid as stored
+    top = next(r for r in rows if r["z_mm"] == 1430.0)
+    ds = pydicom.dcmread(case.dicom.parent / top["path"])
+    hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    assert np.array_equal(hu, vol[nk - 1].astype(np.float32))
+    assert [float(v) for v in ds.ImagePositionPatient] == pytest.approx([-211.0, 81.6, 1430.0], abs=1e-3)
