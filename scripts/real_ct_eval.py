@@ -488,11 +488,10 @@ def convert_amos_0336(work: Path, deb: Path) -> Case:
         case.info["vertebra_extent_mm"].pop(name, None)
         case.info["vertebra_coverage"].pop(name, None)
     for r in vrows:
-        if r["vertebra"] in extents:
-            up, down = extents[r["vertebra"]]
-            r["top_z_mm"], r["bottom_z_mm"], r["coverage"] = AMOS_0336_DISCS[up], AMOS_0336_DISCS[down], "whole"
-            case.info["vertebra_extent_mm"][r["vertebra"]] = [AMOS_0336_DISCS[down], AMOS_0336_DISCS[up]]
-            case.info["vertebra_coverage"][r["vertebra"]] = "whole"
+        up, down = extents[r["vertebra"]]
+        r["top_z_mm"], r["bottom_z_mm"], r["coverage"] = AMOS_0336_DISCS[up], AMOS_0336_DISCS[down], "whole"
+        case.info["vertebra_extent_mm"][r["vertebra"]] = [AMOS_0336_DISCS[down], AMOS_0336_DISCS[up]]
+        case.info["vertebra_coverage"][r["vertebra"]] = "whole"
     pq.write_table(pa.Table.from_pylist(vrows, schema=pq.read_schema(case.vertebrae)), case.vertebrae)
     case.info["discs_mm"] = dict(AMOS_0336_DISCS)
     (case.vertebrae.parent / "case.json").write_text(json.dumps(case.info, indent=2) + "\n")

@@ -257,27 +257,24 @@ def write_labels(path: Path, rows: list[dict[str, Any]]) -> dict[str, int]:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
+    from spinelevel.training.labels import read_labels_arrow
+
+    if not rows:
+        raise ValueError("write_labels: no rows (a series has at least one slice)")
     path = Path(path)
-    csv = path.suffix.lower() == ".csv"
     old: list[dict[str, Any]] = []
     if path.exists():
         try:
-            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=True, column_types={
-                "series_uid": pa.string(), "sop_uid": pa.string(), "level": pa.string(), "study_uid": pa.string(), "patient_id": pa.string()})) if csv else pq.read_table(path)
-        except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...
-            raise InputError(f"{path}: exists but is not a readable labels table ({type(exc).__name__}: {exc}); not overwritten") from None
-        missing = [c for c in ("series_uid", "sop_uid", "level") if c not in table.column_names]
-        if missing:
-            raise InputError(f"{path}: exists but lacks column(s) {', '.join(missing)}; not overwritten")
-        old = table.to_pylist()
+            old = read_labels_arrow(path).to_pylist()
+        except InputError as exc:
+            raise InputError(f"{path}: exists but is not a readable labels table; not overwritten ({exc})") from None
     series = {r["series_uid"] for r in rows}
     kept = [r for r in old if str(r["series_uid"]) not in series]
-    merged = kept + rows
-    columns = list(dict.fromkeys([*(old[0].keys() if old else []), *rows[0].keys()])) if merged else ["study_uid", "series_uid", "sop_uid", "level", "z_mm", "slice_index", "path"]
-    out = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in merged])
+    columns = list(dict.fromkeys([*(old[0].keys() if old else []), *rows[0].keys()]))
+    out = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in kept + rows])
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        if csv:
+        if path.suffix.lower() == ".csv":
             pacsv.write_csv(out, tmp)
         else:
             pq.write_table(out, tmp)

@@ -38,6 +38,7 @@ __all__ = [
     "DOMINANCE",
     "VERSE_LABELS",
     "LabelsTable",
+    "read_labels_arrow",
     "read_labels_table",
     "vertebra_class",
     "dominant_levels",
@@ -97,12 +98,11 @@ class LabelsTable:
         )
 
 
-def read_labels_table(path: Path) -> LabelsTable:
-    """Read a labels table (``.parquet`` or ``.csv``).
+def read_labels_arrow(path: Path):  # noqa: ANN201 - pyarrow Table
+    """A labels table file (``.parquet`` or ``.csv``) as a pyarrow Table, its columns checked.
 
     Raises:
-        InputError: the file is missing, unreadable, lacks a required column, or names a level that
-            is not a class.
+        InputError: the file is missing, unreadable or lacks a required column.
     """
     import pyarrow as pa
     import pyarrow.csv as pacsv
@@ -127,6 +127,17 @@ def read_labels_table(path: Path) -> LabelsTable:
     missing = [c for c in ("series_uid", "sop_uid", "level") if c not in table.column_names]
     if missing:
         raise InputError(f"{path}: labels table lacks column(s) {', '.join(missing)} (needs series_uid, sop_uid, level)")
+    return table
+
+
+def read_labels_table(path: Path) -> LabelsTable:
+    """Read a labels table (``.parquet`` or ``.csv``).
+
+    Raises:
+        InputError: the file is missing, unreadable, lacks a required column, or names a level that
+            is not a class.
+    """
+    table = read_labels_arrow(path)
     sops = [str(s) for s in table.column("sop_uid").to_pylist()]
     levels: list[Any] = table.column("level").to_pylist()
     levels = [None if (v is None or v == "") else str(v) for v in levels]
