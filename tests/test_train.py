@@ -73,28 +73,32 @@ def test_training_on_phantom_lowers_the_loss(phantom: Path, tmp_path: Path) -> N
     from spinelevel.engine.preprocess import PreprocessSpec, preprocess_batch
     from spinelevel.training.data import HUCache
 
-    # 10 epochs at 1e-3: on the more realistic phantoms (issue 14) one epoch at 3e-3 of this tiny model
-    # on 42 slices moved the loss by 5 % one way or the other (2.76 -> 2.61 or 3.05); after the second
-    # realism round 5 epochs dropped it only 6 % on this seed (3.29 -> 3.08); 10 epochs drop it 23-98 %
-    # on seeds 11, 12 and 13 (this one: 3.29 -> 2.53); with transitional T11-T12 (fourth round) 10
-    # epochs dropped it 5 % (3.08 -> 2.91) and 20 drop it to 1.38 (seed 13: 2.76 -> 0.005; seed 12
-    # does not drop at all: one study and a tiny model make this a check of the training loop, and
-    # its seed a choice)
+    # 20 epochs at 1e-3 of this tiny model on one study's 37 slices. The loss is measured on the
+    # slices as training preprocessed them: the checkpoint's own card (version 2, the 400 mm field of
+    # view of TrainConfig) with each slice's PixelSpacing. Until 2026-12-02 it was measured on
+    # version-1 inputs (a default ModelCard, no spacing), which the model never trained on: the drop
+    # then depended on the seed and the machine (3.08 -> 2.95 on a fresh CI machine) while the
+    # training loss fell 2.47 -> 0.2.
     config = TrainConfig(out=tmp_path / "run", arch=TINY, input_size=32, epochs=20, batch_size=4, lr=1e-3, val_fraction=0.0,
                          augment=AugmentSpec(enabled=False), use_cache=False, threads=2)
     data = collect_slices([phantom])
     items = data.items
+    result = train([phantom], [], config)
+    model, card = load_checkpoint(result.last)
+    assert card.classes == data.classes and "L3" in card.classes
+    assert (card.preprocess, card.fov_mm) == (config.preprocess, config.fov_mm)
     cache = HUCache()
-    spec = PreprocessSpec.from_card(read_card_default(32))
-    x = torch.from_numpy(preprocess_batch([cache.get(items, i) for i in range(len(items))], spec))
+    spec = PreprocessSpec.from_card(card)
+    x = torch.from_numpy(preprocess_batch([cache.get(items, i) for i in range(len(items))], spec, [it.spacing for it in items]))
     y = torch.tensor([it.label for it in items])
     torch.manual_seed(config.seed)
     before = _loss(create_model(TINY, len(data.classes)), x, y)
-    result = train([phantom], [], config)
-    model, card = load_checkpoint(result.last)
     after = _loss(model, x, y)
-    assert card.classes == data.classes and "L3" in card.classes
-    assert after < 0.9 * before, (before, after)
+    assert after < 0.5 * before, (before, after)
+    model.eval()  # running statistics, as the exported model runs (0.08-0.33 on phantom seeds 11-13)
+    with torch.no_grad():
+        after_eval = float(torch.nn.functional.cross_entropy(model(x), y))
+    assert after_eval < 0.5 * before, (before, after_eval)
 
 
 def read_card_default(size: int):
