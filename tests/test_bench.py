@@ -104,3 +104,28 @@ def test_naive_script_feeds_the_model_its_input_size(tmp_path: Path) -> None:
     archive = phantom_archive(tmp_path, 1, 64, coverage="lumbar", thickness_mm=5.0, localizer_probability=0.0, dose_report_probability=0.0, second_recon_probability=0.0)
     levels = naive_script.main(str(archive), str(toy_onnx(32, tmp_path)))
     assert len(levels) > 0
+
+
+def test_model_ab_measures_both_models_on_one_archive(tmp_path: Path, model_path: Path) -> None:
+    """benchmarks/model_ab.py: inference and end-to-end of two models, alternated; here the same tiny
+    model twice under two names, so the report must carry one sha256 and both models' measurements."""
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("model_ab", Path(__file__).parents[1] / "benchmarks" / "model_ab.py")
+    assert spec is not None and spec.loader is not None
+    model_ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model_ab)
+    b = tmp_path / "copy.onnx"
+    shutil.copy(model_path, b)
+    for sidecar in model_path.parent.glob(model_path.name + ".*"):
+        shutil.copy(sidecar, tmp_path / sidecar.name.replace(model_path.name, b.name))
+    out = tmp_path / "ab.json"
+    result = model_ab.main(["--a", str(model_path), "--b", str(b), "--studies", "1", "--size", "64", "--rounds", "1",
+                            "--batch", "8", "--min-seconds", "0.2", "--work", str(tmp_path / "work"), "--out", str(out)])
+    assert json.loads(out.read_text())["models"]["a"]["sha256"] == result["models"]["b"]["sha256"]
+    for key in ("a", "b"):
+        assert len(result["inference_slices_per_s"][key]["values"]) == 1 and result["inference_slices_per_s"][key]["best"] > 0
+        assert result["end_to_end_wall_s"][key]["best"] > 0
+        assert result["models"][key]["input_size"] == [32, 32]
+    assert result["ratio_inference_time_b_over_a"] > 0 and result["archive"]["labelled_slices"] > 0
