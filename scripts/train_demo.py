@@ -306,7 +306,8 @@ no better; they were not shipped (results_demo_v7.md), and the fine-tune with al
 could not be judged for want of two new real scans with L3 (results_demo_v8.md). `amos_0336` (a
 chest-abdomen-pelvis CT from Debian's CamiTK test data) and `lungdx_chest` (a chest CT from a PyPI
 wheel), found in that round, guided nothing: they were evaluated after the shipped model was fixed.
-Expect less on unseen real CT.
+All seven judged a 192 px fine-tune and its 128 px control in issue 14's eighth round (not shipped:
+results_demo_v9.md). Expect less on unseen real CT.
 
 The numbers here are with the engine's default decoding, which keeps plausible level extents
 (every L1-L5 run 20-55 mm, `spinelevel run --level-extents`; issue 14's fourth round). The extent
@@ -324,7 +325,8 @@ before the `v2ft` phase), `tests/data/real_ct/results_demo_v2.md` (after `v2ft`,
 `v4ft` and a control fine-tune: `tests/data/real_ct/results_demo_v5.md`; the trials after `v5ft`
 (spine cut-outs, preprocessing version 3) and their control: `tests/data/real_ct/results_demo_v6.md`;
 the leave-one-patient-out fine-tunes with real CT mixed in: `tests/data/real_ct/results_demo_v7.md`;
-the fine-tune with every case mixed in and the two new cases: `tests/data/real_ct/results_demo_v8.md`.
+the fine-tune with every case mixed in and the two new cases: `tests/data/real_ct/results_demo_v8.md`;
+a 192 px input against its 128 px control: `tests/data/real_ct/results_demo_v9.md`.
 """
     (MODEL_DIR / "MODEL_CARD.md").write_text(text, encoding="utf-8")
     print(text)
