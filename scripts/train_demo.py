@@ -112,8 +112,8 @@ RECIPE = {
         {"name": "v6ctl", "input_size": 128, "epochs": 14, "samples_per_epoch": 3000, "max_val_slices": 600, "init": "v5ft/best.safetensors", "init_onnx": "levels_demo_v5ft.onnx", "lr": 3e-4, "data": ["ft", "ft16"], "preprocess": 2, "fov_mm": 400.0, "augment": "domain", "freeze_bn": True},
         # Issue 14, eighth round (tests/data/real_ct/results_demo_v9.md): the same fine-tune at a larger
         # input, 192 px (2.1 mm per pixel at the 400 mm field of view instead of 3.1 mm), and its control
-        # at 128 px on the same phantom sets, each from v5ft's model; 5 epochs, not 14 (a batch costs 1.4 s at
-        # 192 px on two cores, 0.23 s at 128 px).
+        # at 128 px on the same phantom sets, each from v5ft's model; 5 epochs, not 14 (an epoch of 3000
+        # slices took 255 s at 192 px and 145 s at 128 px on two cores, plus 200 s to decode the sets).
         {"name": "v9r192", "input_size": 192, "epochs": 5, "samples_per_epoch": 3000, "max_val_slices": 600, "init": "v5ft/best.safetensors", "init_onnx": "levels_demo_v5ft.onnx", "lr": 3e-4, "data": ["ft", "ft16"], "preprocess": 2, "fov_mm": 400.0, "augment": "domain", "freeze_bn": True},
         {"name": "v9c128", "input_size": 128, "epochs": 5, "samples_per_epoch": 3000, "max_val_slices": 600, "init": "v5ft/best.safetensors", "init_onnx": "levels_demo_v5ft.onnx", "lr": 3e-4, "data": ["ft", "ft16"], "preprocess": 2, "fov_mm": 400.0, "augment": "domain", "freeze_bn": True},
     ],
