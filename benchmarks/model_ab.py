@@ -39,26 +39,20 @@ def _sha(path: Path) -> str:
 
 
 def _batch(archive: Path, card, n: int) -> np.ndarray:  # noqa: ANN001
-    """``n`` slices of the archive as the engine preprocesses them for this card."""
+    """The first ``n`` labelled slices of the phantom archive as the engine decodes and preprocesses
+    them for this card."""
+    import pyarrow.parquet as pq
     import pydicom
 
+    from spinelevel.engine.decode import decode_hu
     from spinelevel.engine.preprocess import PreprocessSpec, preprocess_batch
 
-    hus, spacings = [], []
-    for f in sorted(p for p in archive.rglob("*") if p.is_file() and p.parent != archive):
-        try:
-            ds = pydicom.dcmread(f)
-        except pydicom.errors.InvalidDicomError:
-            continue
-        if getattr(ds, "Modality", "") != "CT" or "PixelData" not in ds or "PixelSpacing" not in ds or len(getattr(ds, "ImageType", ())) < 3 or ds.ImageType[2] != "AXIAL":
-            continue
-        hus.append(ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept))
-        spacings.append((float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])))
-        if len(hus) == n:
-            break
-    if len(hus) < n:
-        raise SystemExit(f"{archive}: only {len(hus)} axial CT slices, {n} asked for")
-    return preprocess_batch(hus, PreprocessSpec.from_card(card), spacings)
+    paths = pq.read_table(archive / "labels.parquet", columns=["path"]).column("path").to_pylist()[:n]
+    if len(paths) < n:
+        raise SystemExit(f"{archive}: only {len(paths)} labelled slices, {n} asked for")
+    datasets = [pydicom.dcmread(archive / p) for p in paths]
+    spacings = [(float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])) for ds in datasets]
+    return preprocess_batch([decode_hu(ds) for ds in datasets], PreprocessSpec.from_card(card), spacings)
 
 
 def _inference_rate(backend, x: np.ndarray, min_seconds: float) -> float:  # noqa: ANN001

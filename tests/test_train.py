@@ -63,8 +63,8 @@ def dicom_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return root, labels
 
 
-def _loss(model, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.train()  # batch statistics: what the optimizer saw
+def _loss(model, x: torch.Tensor, y: torch.Tensor, train: bool = True) -> float:
+    model.train(train)  # train: batch statistics, what the optimizer saw; else running statistics
     with torch.no_grad():
         return float(torch.nn.functional.cross_entropy(model(x), y))
 
@@ -95,9 +95,7 @@ def test_training_on_phantom_lowers_the_loss(phantom: Path, tmp_path: Path) -> N
     before = _loss(create_model(TINY, len(data.classes)), x, y)
     after = _loss(model, x, y)
     assert after < 0.5 * before, (before, after)
-    model.eval()  # running statistics, as the exported model runs (0.08-0.33 on phantom seeds 11-13)
-    with torch.no_grad():
-        after_eval = float(torch.nn.functional.cross_entropy(model(x), y))
+    after_eval = _loss(model, x, y, train=False)  # as the exported model runs (0.08-0.33 on phantom seeds 11-13)
     assert after_eval < 0.5 * before, (before, after_eval)
 
 
