@@ -116,6 +116,9 @@ RECIPE = {
         # slices took 255 s at 192 px and 145 s at 128 px on two cores, plus 200 s to decode the sets).
         {"name": "v9r192", "input_size": 192, "epochs": 5, "samples_per_epoch": 3000, "max_val_slices": 600, "init": "v5ft/best.safetensors", "init_onnx": "levels_demo_v5ft.onnx", "lr": 3e-4, "data": ["ft", "ft16"], "preprocess": 2, "fov_mm": 400.0, "augment": "domain", "freeze_bn": True},
         {"name": "v9c128", "input_size": 128, "epochs": 5, "samples_per_epoch": 3000, "max_val_slices": 600, "init": "v5ft/best.safetensors", "init_onnx": "levels_demo_v5ft.onnx", "lr": 3e-4, "data": ["ft", "ft16"], "preprocess": 2, "fov_mm": 400.0, "augment": "domain", "freeze_bn": True},
+        # Issue 14, ninth round (tests/data/real_ct/results_demo_v10.md): v9r192 with the recipe's 14
+        # epochs instead of 5, from v5ft's model.
+        {"name": "v10r192", "input_size": 192, "epochs": 14, "samples_per_epoch": 3000, "max_val_slices": 600, "init": "v5ft/best.safetensors", "init_onnx": "levels_demo_v5ft.onnx", "lr": 3e-4, "data": ["ft", "ft16"], "preprocess": 2, "fov_mm": 400.0, "augment": "domain", "freeze_bn": True},
     ],
 }
 
