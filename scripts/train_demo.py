@@ -56,6 +56,10 @@ RECIPE = {
         # issue 14, fourth round: the generator with transitional T11-T12 (short transverse
         # processes, lumbar-like spinous processes, floating ribs without a neck bar); new patients
         "ft16": (1600, 140, {"second_recon_probability": 0.0, "localizer_probability": 0.0, "dose_report_probability": 0.0}),
+        # issue 14, ninth round: ft and ft16 again (same seeds, patients, spines and scans) with the
+        # organs spread wider on the spine (PhantomOptions.organ_spread; results_demo_v10.md)
+        "ft_org": (1300, 140, {"second_recon_probability": 0.0, "localizer_probability": 0.0, "dose_report_probability": 0.0, "organ_spread": 1.0}),
+        "ft16_org": (1600, 140, {"second_recon_probability": 0.0, "localizer_probability": 0.0, "dose_report_probability": 0.0, "organ_spread": 1.0}),
         "test": (2000, 24, {}),
     },
     "arch": "tf_efficientnetv2_b0",
@@ -119,6 +123,9 @@ RECIPE = {
         # Issue 14, ninth round (tests/data/real_ct/results_demo_v10.md): v9r192 with the recipe's 14
         # epochs instead of 5, from v5ft's model.
         {"name": "v10r192", "input_size": 192, "epochs": 14, "samples_per_epoch": 3000, "max_val_slices": 600, "init": "v5ft/best.safetensors", "init_onnx": "levels_demo_v5ft.onnx", "lr": 3e-4, "data": ["ft", "ft16"], "preprocess": 2, "fov_mm": 400.0, "augment": "domain", "freeze_bn": True},
+        # and its second question: v9c128's recipe on ft and ft16 rewritten with organ_spread 1 (v9c128 is
+        # the control: the same sets with organ_spread 0)
+        {"name": "v10o128", "input_size": 128, "epochs": 5, "samples_per_epoch": 3000, "max_val_slices": 600, "init": "v5ft/best.safetensors", "init_onnx": "levels_demo_v5ft.onnx", "lr": 3e-4, "data": ["ft_org", "ft16_org"], "preprocess": 2, "fov_mm": 400.0, "augment": "domain", "freeze_bn": True},
     ],
 }
 

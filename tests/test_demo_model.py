@@ -67,3 +67,45 @@ def test_demo_model_reads_a_phantom_lumbar_slice() -> None:
     assert abs(float(p.sum()) - 1.0) < 1e-4
     # A mid-L3 slice of an unseen phantom: L3 or a neighbour, never thoracic or sacral.
     assert card.classes[int(np.argmax(p))] in ("L2", "L3", "L4")
+
+
+def _sensitivity_script():  # noqa: ANN202 - the module
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "phantom_sensitivity.py"
+    spec = importlib.util.spec_from_file_location("phantom_sensitivity", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_phantom_sensitivity_changes_the_anatomy_and_reports_every_variant(tmp_path: Path) -> None:
+    # scripts/phantom_sensitivity.py (issue 14's diagnostic): every change must alter the rendered
+    # mid-L3 or mid-L4 slice of some study, else a "no change in the calls" would mean nothing
+    from spinelevel.phantom import Anatomy, PhantomOptions, plan_study
+
+    mod = _sensitivity_script()
+    specs = [plan_study(PhantomOptions(studies=3, seed=2000, size=256), i) for i in range(3)]
+    names = [name for name, _, _ in mod.variants(specs[0])]
+    assert names[0] == "base" and len(names) == len(set(names)) >= 19
+    changed = dict.fromkeys(names[1:], False)
+    for spec in specs:
+        zs = [(spec.vertebra(lv).top_z + spec.vertebra(lv).bottom_z) / 2 for lv in mod.LEVELS]
+        base = [Anatomy(spec).render(float(z)) for z in zs]
+        for name, plan, change in list(mod.variants(spec))[1:]:
+            a = Anatomy(plan)
+            if change is not None:
+                change(a)
+            changed[name] |= any(np.abs(a.render(float(z)) - b).max() > 50 for z, b in zip(zs, base))
+    assert all(changed.values()), [n for n, c in changed.items() if not c]
+    # the script's own run: the bundled model reads the unchanged phantoms right, and the table names every variant
+    out = tmp_path / "sens.json"
+    assert mod.main(["--model", "demo", "--studies", "2", "--out", str(out)]) == 0
+    import json
+
+    result = json.loads(out.read_text())
+    rows = {(r["slice"], r["variant"]): r for r in result["rows"]}
+    assert set(rows) == {(f"mid-{lv}", n) for lv in mod.LEVELS for n in names}
+    assert rows[("mid-L3", "base")]["called_right"] == 2 and rows[("mid-L4", "base")]["called_right"] == 2
+    assert "| mid-L3 | kidneys 15 mm lower |" in out.with_suffix(".md").read_text()
+    assert mod.main(["--model", str(tmp_path / "none.onnx")]) == 2

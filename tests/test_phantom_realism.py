@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from spinelevel.phantom import Anatomy, PhantomOptions, plan_study
+from spinelevel.errors import InputError
 from spinelevel.phantom.canvas import Canvas
 
 
@@ -283,3 +284,46 @@ def test_floating_ribs_have_no_neck_bar_at_their_head() -> None:
 
     assert neck_bone(9) > 10 and neck_bone(10) > 10
     assert neck_bone(12) < 0.2 * neck_bone(10)
+
+
+def _organ_positions(spread: float, studies: int = 60, seed: int = 1300) -> dict[str, np.ndarray]:
+    """Kidney tops, liver edge, lung base and iliac crest of ``studies`` plans, relative to their vertebrae (mm)."""
+    out: dict[str, list[float]] = {"kidney": [], "liver": [], "lung": [], "crest": [], "spine": []}
+    for i in range(studies):
+        spec = plan_study(PhantomOptions(studies=studies, seed=seed, organ_spread=spread), i)
+        a = Anatomy(spec)
+        v = {x.name: x for x in spec.vertebrae}
+        c_t12 = (v["T12"].top_z + v["T12"].bottom_z) / 2
+        lum = [x for x in spec.vertebrae if x.kind == "lumbar"]
+        out["kidney"].append(a.kidney_l[0] - c_t12)
+        out["liver"].append(a.liver_bottom - v["L2"].bottom_z)
+        out["lung"].append(a.lung_bottom - c_t12)
+        out["crest"].append((spec.iliac_crest_z - lum[-1].top_z) / (lum[-3].bottom_z - lum[-1].top_z))  # 0: last lumbar's top, 1: L3's bottom
+        out["spine"].append(v["L3"].top_z)
+    return {k: np.array(vals) for k, vals in out.items()}
+
+
+def test_organ_spread_widens_organ_positions_on_the_spine_and_keeps_the_patients() -> None:
+    # issue 14: a model trained on organ_spread 0 read phantom L3 off the kidneys (15 mm lower: L2) and
+    # L4 off the crest, so organ_spread 1 draws them over wider ranges from the same random numbers
+    narrow, wide = _organ_positions(0.0), _organ_positions(1.0)
+    assert np.array_equal(narrow["spine"], wide["spine"])  # same patients and spines
+    assert narrow["kidney"].min() >= -10 - 1e-6 and narrow["kidney"].max() <= 10 + 1e-6
+    assert wide["kidney"].min() < -30 and wide["kidney"].max() > 15 and wide["kidney"].min() >= -40 - 1e-6 and wide["kidney"].max() <= 25 + 1e-6
+    assert narrow["liver"].min() >= -25 - 1e-6 and wide["liver"].min() < -45 and wide["liver"].max() > 20
+    assert np.abs(narrow["lung"]).max() <= 10 + 1e-6 and np.abs(wide["lung"]).max() > 18
+    # crest: narrow stays within the middle of L4 .. upper third of L5; wide reaches above L4's middle and into L5's middle
+    assert wide["crest"].max() > narrow["crest"].max() + 0.1 and wide["crest"].min() < narrow["crest"].min()
+    # the same draw, moved linearly: the order of the patients by kidney height is kept
+    assert np.array_equal(np.argsort(narrow["kidney"]), np.argsort(wide["kidney"]))
+
+
+def test_organ_spread_zero_is_the_default_and_out_of_range_is_refused() -> None:
+    a = plan_study(PhantomOptions(studies=2, seed=7), 1)
+    b = plan_study(PhantomOptions(studies=2, seed=7, organ_spread=0.0), 1)
+    assert a.organ_spread == 0.0 and a.iliac_crest_z == b.iliac_crest_z
+    z = (a.vertebra("L3").top_z + a.vertebra("L3").bottom_z) / 2
+    assert np.array_equal(Anatomy(a).render(z), Anatomy(b).render(z))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(InputError, match="organ_spread"):
+            PhantomOptions(organ_spread=bad)

@@ -112,12 +112,15 @@ class Anatomy:
         self.d_tab = ds * np.array([46, 48, 54, 62, 76, 74, 64, 46, 32, 24, 24], dtype=np.float64)
         self.z_t1, self.z_s1 = v["T1"].top_z, v["S1"].top_z
         # organs along z
-        self.lung_bottom = c["T12"] + rng.uniform(-10, 10)
-        self.dome_r = c["T9"] + rng.uniform(-10, 10)
+        # (organ_spread widens these ranges; rng.uniform(a, b) is a + (b - a) * one draw, so the draws
+        # and everything after them stay those of the seed)
+        sp = s.organ_spread
+        self.lung_bottom = c["T12"] + rng.uniform(-10 - 15 * sp, 10 + 15 * sp)
+        self.dome_r = c["T9"] + rng.uniform(-10 - 15 * sp, 10 + 15 * sp)
         self.dome_l = self.dome_r - rng.uniform(8, 20)
-        self.liver_bottom = v["L2"].bottom_z - rng.uniform(-10, 25)
+        self.liver_bottom = v["L2"].bottom_z - rng.uniform(-10 - 20 * sp, 25 + 35 * sp)
         self.heart = (c["T5"], c["T10"] + rng.uniform(-5, 10))
-        kid_top = c["T12"] + rng.uniform(-10, 10)
+        kid_top = c["T12"] + rng.uniform(-10 - 30 * sp, 10 + 15 * sp)
         kid_len = rng.uniform(95, 120)
         self.kidney_l = (kid_top, kid_top - kid_len)
         drop = rng.uniform(8, 25)

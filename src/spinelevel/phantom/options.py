@@ -64,6 +64,14 @@ class PhantomOptions:
     second_recon_probability: float = 0.25  # chance of a second reconstruction (thin <-> thick)
     padding_probability: float = 0.3  # chance that pixels outside the reconstruction circle are padding
     noise: float = 1.0  # scale of scanner noise (0 gives clean images)
+    # How loosely organs sit on the spine, 0..1 (issue 14: a model trained on 0 read the level off the
+    # kidneys and the iliac crest). 0 keeps the narrow ranges every earlier set was written with; 1 draws
+    # kidney tops at T12's centre -40..+25 mm (not +-10), the liver's lower edge from 30 mm above to
+    # 60 mm below L2's lower end plate (not 10 above to 25 below), lung bases and diaphragm domes +-25 mm
+    # (not +-10) and the iliac crest from L3's lower end plate to the middle of the last lumbar vertebra
+    # (not from the middle of the second-last to the upper third of the last); in between, linearly.
+    # The random draws are the same whatever its value, so a seed keeps its patients.
+    organ_spread: float = 0.0
 
     def __post_init__(self) -> None:
         if self.studies < 1:
@@ -94,6 +102,8 @@ class PhantomOptions:
             raise InputError(f"phantom option fov_mm={self.fov_mm} must be between 150 and 700 mm")
         if self.noise < 0:
             raise InputError(f"phantom option noise={self.noise} must not be negative")
+        if not 0.0 <= self.organ_spread <= 1.0:
+            raise InputError(f"phantom option organ_spread={self.organ_spread!r} must be between 0 and 1")
 
 
 @dataclass(frozen=True)

@@ -163,6 +163,7 @@ class StudySpec:
     localizer_series_uid: str  # SeriesInstanceUID of the localizer series
     dose_report: bool  # write an X-ray radiation dose SR
     dose_series_uid: str  # SeriesInstanceUID of the dose report
+    organ_spread: float = 0.0  # PhantomOptions.organ_spread: how loosely kidneys, liver, lung bases and crest sit on the spine
 
     def vertebra(self, name: str) -> Vertebra:
         """The vertebra called ``name`` ('L3', 'S1', ...)."""
@@ -325,9 +326,14 @@ def plan_study(options: PhantomOptions, index: int) -> StudySpec:
     half_depth = float(half_width * rng.uniform(0.6, 0.8) + 0.25 * fat_mm)
     # The intercristal line lies at the L4 body or the L4/L5 disc in most adults, at L5 in some: the
     # crest is drawn between the middle of L4 and the upper third of L5 (one uniform draw, as before).
+    # organ_spread widens the range towards L3's lower end plate and the middle of L5, same draw.
     lum = [s for s in spine if s.kind == "lumbar"]
+    spread = options.organ_spread
     crest_hi = lum[-2].bottom_z + 0.5 * lum[-2].height
     crest_lo = lum[-1].top_z - 0.3 * lum[-1].height
+    if spread > 0.0:
+        crest_hi += spread * (lum[-3].bottom_z - crest_hi)
+        crest_lo += spread * (lum[-1].top_z - 0.5 * lum[-1].height - crest_lo)
     iliac_crest = crest_lo + float(rng.uniform(0.0, 1.0)) * (crest_hi - crest_lo)
     femoral_head = spine[-1].bottom_z + float(rng.uniform(-12.0, 8.0))
 
@@ -451,4 +457,5 @@ def plan_study(options: PhantomOptions, index: int) -> StudySpec:
         localizer_series_uid=_uid("localizer", *key),
         dose_report=dose_report,
         dose_series_uid=_uid("dose", *key),
+        organ_spread=float(options.organ_spread),
     )
