@@ -69,11 +69,10 @@ def test_demo_model_reads_a_phantom_lumbar_slice() -> None:
     assert card.classes[int(np.argmax(p))] in ("L2", "L3", "L4")
 
 
-def _sensitivity_script():  # noqa: ANN202 - the module
+def _script(name: str):  # noqa: ANN202 - the module
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "phantom_sensitivity.py"
-    spec = importlib.util.spec_from_file_location("phantom_sensitivity", path)
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -84,7 +83,7 @@ def test_phantom_sensitivity_changes_the_anatomy_and_reports_every_variant(tmp_p
     # mid-L3 or mid-L4 slice of some study, else a "no change in the calls" would mean nothing
     from spinelevel.phantom import Anatomy, PhantomOptions, plan_study
 
-    mod = _sensitivity_script()
+    mod = _script("phantom_sensitivity")
     specs = [plan_study(PhantomOptions(studies=3, seed=2000, size=256), i) for i in range(3)]
     names = [name for name, _, _ in mod.variants(specs[0])]
     assert names[0] == "base" and len(names) == len(set(names)) >= 19
@@ -109,3 +108,49 @@ def test_phantom_sensitivity_changes_the_anatomy_and_reports_every_variant(tmp_p
     assert rows[("mid-L3", "base")]["called_right"] == 2 and rows[("mid-L4", "base")]["called_right"] == 2
     assert "| mid-L3 | kidneys 15 mm lower |" in out.with_suffix(".md").read_text()
     assert mod.main(["--model", str(tmp_path / "none.onnx")]) == 2
+
+
+def test_occlusion_map_finds_the_region_that_decides() -> None:
+    # a predictor that says "not L3" while a bright pixel sits at (5, 6): only patches over it raise p(L3)
+    mod = _script("occlusion_map")
+    x = np.zeros((3, 32, 32), np.float32)
+    x[:, 5, 6] = 100.0
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        bright = batch[:, 0].max(axis=(1, 2)) > 50.0
+        p = np.zeros((len(batch), 7), np.float32)
+        p[:, 3] = np.where(bright, 0.1, 0.9)
+        p[:, 4] = 1.0 - p[:, 3]
+        return p
+
+    p0, pos, ph = mod.occlusion(x, predict, 8)
+    assert p0[3] == pytest.approx(0.1) and len(pos) == 64
+    gain = mod.gain_map((32, 32), pos, ph, p0, 3, 8)
+    assert gain[5, 6] == pytest.approx(0.8) and gain[20:, 20:].max() == 0.0
+    assert {tuple(q) for q, pp in zip(pos, ph) if pp[3] > 0.5} == {(0, 0), (0, 4), (4, 0), (4, 4)}
+
+
+def test_occlusion_map_on_a_phantom_mid_l3_slice(tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from spinelevel.phantom import PhantomOptions, generate
+
+    generate(tmp_path / "ph", PhantomOptions(studies=1, seed=2000, size=128, coverage="abdomen", second_recon_probability=0.0,
+                                             localizer_probability=0.0, dose_report_probability=0.0))
+    lab = pq.read_table(tmp_path / "ph" / "labels.parquet").to_pandas()
+    l3 = lab[lab.level == "L3"].sort_values("z_mm")
+    case = tmp_path / "cases" / "phantom_case" / "l3mid"
+    case.mkdir(parents=True)
+    shutil.copy(tmp_path / "ph" / l3.iloc[len(l3) // 2].path, case / "L3MID.dcm")
+    (tmp_path / "cases" / "no_l3").mkdir()  # a case without L3 is left out
+    mod = _script("occlusion_map")
+    assert mod.main(["--model", "demo", "--cases", str(tmp_path / "cases"), "--out", str(tmp_path / "occ")]) == 0
+    result = json.loads((tmp_path / "occ.json").read_text())
+    assert [c["case"] for c in result["cases"]] == ["phantom_case"] and (tmp_path / "occ.png").is_file()
+    rec = result["cases"][0]
+    assert rec["p"]["L3"] > 0.5  # the bundled model reads a phantom's mid-L3 as L3
+    assert -1.0 <= rec["gain_min"] <= rec["gain_max"] <= 1.0
+    assert mod.main(["--model", "demo", "--cases", str(tmp_path / "cases" / "no_l3"), "--out", str(tmp_path / "x")]) == 2
