@@ -84,8 +84,8 @@ def run(model: Path, cases: Path, patch: int) -> tuple[dict[str, Any], list[np.n
         p0, pos, ph = occlusion(x, predict, patch)
         best = int(np.argmax(ph[:, k3]))
         gain = gain_map(x.shape[1:], pos, ph, p0, k3, patch)
-        records.append({"case": case.name, "p": dict(zip(names, map(float, np.round(p0, 4)))),
-                        "best_patch_row_col": list(pos[best]), "p_best_patch_hidden": dict(zip(names, map(float, np.round(ph[best], 4)))),
+        records.append({"case": case.name, "p": {n: round(float(v), 4) for n, v in zip(names, p0)},
+                        "best_patch_row_col": list(pos[best]), "p_best_patch_hidden": {n: round(float(v), 4) for n, v in zip(names, ph[best])},
                         "gain_max": round(float(gain.max()), 4), "gain_min": round(float(gain.min()), 4)})
         base = x[0]
         base = np.clip((base - base.min()) / (np.ptp(base) + 1e-6), 0.0, 1.0)
