@@ -126,6 +126,9 @@ RECIPE = {
         # and its second question: v9c128's recipe on ft and ft16 rewritten with organ_spread 1 (v9c128 is
         # the control: the same sets with organ_spread 0)
         {"name": "v10o128", "input_size": 128, "epochs": 5, "samples_per_epoch": 3000, "max_val_slices": 600, "init": "v5ft/best.safetensors", "init_onnx": "levels_demo_v5ft.onnx", "lr": 3e-4, "data": ["ft_org", "ft16_org"], "preprocess": 2, "fov_mm": 400.0, "augment": "domain", "freeze_bn": True},
+        # exploratory, trained after both were judged (results_demo_v10/ship_rule.txt, fourth part): both
+        # changes together, v10r192's recipe on the organ-spread sets; not a ship candidate in that round
+        {"name": "v10r192o", "input_size": 192, "epochs": 14, "samples_per_epoch": 3000, "max_val_slices": 600, "init": "v5ft/best.safetensors", "init_onnx": "levels_demo_v5ft.onnx", "lr": 3e-4, "data": ["ft_org", "ft16_org"], "preprocess": 2, "fov_mm": 400.0, "augment": "domain", "freeze_bn": True},
     ],
 }
 
@@ -317,7 +320,8 @@ could not be judged for want of two new real scans with L3 (results_demo_v8.md).
 chest-abdomen-pelvis CT from Debian's CamiTK test data) and `lungdx_chest` (a chest CT from a PyPI
 wheel), found in that round, guided nothing: they were evaluated after the shipped model was fixed.
 All seven judged a 192 px fine-tune and its 128 px control in issue 14's eighth round (not shipped:
-results_demo_v9.md). Expect less on unseen real CT.
+results_demo_v9.md), and the full 192 px fine-tune and a fine-tune on phantoms with the organs spread
+wider on the spine in the ninth (not shipped: results_demo_v10.md). Expect less on unseen real CT.
 
 The numbers here are with the engine's default decoding, which keeps plausible level extents
 (every L1-L5 run 20-55 mm, `spinelevel run --level-extents`; issue 14's fourth round). The extent
@@ -336,7 +340,9 @@ before the `v2ft` phase), `tests/data/real_ct/results_demo_v2.md` (after `v2ft`,
 (spine cut-outs, preprocessing version 3) and their control: `tests/data/real_ct/results_demo_v6.md`;
 the leave-one-patient-out fine-tunes with real CT mixed in: `tests/data/real_ct/results_demo_v7.md`;
 the fine-tune with every case mixed in and the two new cases: `tests/data/real_ct/results_demo_v8.md`;
-a 192 px input against its 128 px control: `tests/data/real_ct/results_demo_v9.md`.
+a 192 px input against its 128 px control: `tests/data/real_ct/results_demo_v9.md`; the full
+192 px fine-tune, what the model reads the level from (phantom sensitivity, real occlusion maps) and
+organ-spread phantoms: `tests/data/real_ct/results_demo_v10.md`.
 """
     (MODEL_DIR / "MODEL_CARD.md").write_text(text, encoding="utf-8")
     print(text)
