@@ -33,7 +33,7 @@ from spinelevel.errors import SpineLevelError
 from spinelevel.models import resolve_model
 
 
-def occlusion(x: np.ndarray, predict, patch: int) -> tuple[np.ndarray, list[tuple[int, int]], np.ndarray]:  # noqa: ANN001 - (N, C, H, W) -> (N, classes)
+def occlusion(x: np.ndarray, predict, patch: int) -> tuple[np.ndarray, list[tuple[int, int]], np.ndarray]:  # noqa: ANN001 - (N, C, H, W) -> (N, classes) probabilities
     """Probabilities of ``x`` (C, H, W) as is, the patch corners, and the probabilities with each patch hidden."""
     h, w = x.shape[1:]
     step = max(1, patch // 2)
@@ -42,8 +42,7 @@ def occlusion(x: np.ndarray, predict, patch: int) -> tuple[np.ndarray, list[tupl
     for b, (y0, x0) in zip(batch, pos):
         region = b[:, y0:y0 + patch, x0:x0 + patch]
         region[...] = region.mean(axis=(1, 2), keepdims=True)
-    p = np.concatenate([predict(batch[i:i + 32]) for i in range(0, len(batch), 32)])
-    return predict(x[None])[0], pos, p
+    return predict(x[None])[0], pos, predict(batch)
 
 
 def gain_map(shape: tuple[int, int], pos: list[tuple[int, int]], p_hidden: np.ndarray, p0: np.ndarray, k: int, patch: int) -> np.ndarray:
@@ -57,9 +56,9 @@ def gain_map(shape: tuple[int, int], pos: list[tuple[int, int]], p_hidden: np.nd
 
 
 def run(model: Path, cases: Path, patch: int) -> tuple[dict[str, Any], list[np.ndarray]]:
-    import onnxruntime as ort
     import pydicom
 
+    from spinelevel.engine.backends import load_backend
     from spinelevel.engine.decode import decode_hu
     from spinelevel.engine.preprocess import PreprocessSpec, preprocess_slice
 
@@ -67,30 +66,23 @@ def run(model: Path, cases: Path, patch: int) -> tuple[dict[str, Any], list[np.n
     prep = PreprocessSpec.from_card(card)
     names = list(card.classes)
     k3 = names.index("L3")
-    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    iname = sess.get_inputs()[0].name
-
-    def predict(batch: np.ndarray) -> np.ndarray:
-        out = sess.run(None, {iname: np.ascontiguousarray(batch, dtype=np.float32)})[0]
-        if card.output == "logits":
-            out = np.exp(out - out.max(axis=1, keepdims=True))
-            out = out / out.sum(axis=1, keepdims=True)
-        return out
-
+    backend = load_backend("onnxruntime", model, card)  # the engine's runtime: probabilities whatever the card's output
     records, panels = [], []
-    for case in sorted(p for p in cases.iterdir() if (p / "l3mid" / "L3MID.dcm").is_file()):
-        ds = pydicom.dcmread(case / "l3mid" / "L3MID.dcm")
-        x = preprocess_slice(decode_hu(ds), prep, tuple(float(v) for v in ds.PixelSpacing))
-        p0, pos, ph = occlusion(x, predict, patch)
-        best = int(np.argmax(ph[:, k3]))
-        gain = gain_map(x.shape[1:], pos, ph, p0, k3, patch)
-        records.append({"case": case.name, "p": {n: round(float(v), 4) for n, v in zip(names, p0)},
-                        "best_patch_row_col": list(pos[best]), "p_best_patch_hidden": {n: round(float(v), 4) for n, v in zip(names, ph[best])},
-                        "gain_max": round(float(gain.max()), 4), "gain_min": round(float(gain.min()), 4)})
-        base = x[0]
-        base = np.clip((base - base.min()) / (np.ptp(base) + 1e-6), 0.0, 1.0)
-        g = np.clip(gain / 0.3, -1.0, 1.0)
-        panels.append(np.stack([0.6 * base + 0.4 * np.clip(g, 0, 1), 0.6 * base, 0.6 * base + 0.4 * np.clip(-g, 0, 1)], axis=-1))
+    try:
+        for case in sorted(p for p in cases.iterdir() if (p / "l3mid" / "L3MID.dcm").is_file()):
+            ds = pydicom.dcmread(case / "l3mid" / "L3MID.dcm")
+            x = preprocess_slice(decode_hu(ds), prep, tuple(float(v) for v in ds.PixelSpacing))
+            p0, pos, ph = occlusion(x, backend.infer, patch)
+            best = int(np.argmax(ph[:, k3]))
+            gain = gain_map(x.shape[1:], pos, ph, p0, k3, patch)
+            records.append({"case": case.name, "p": {n: round(float(v), 4) for n, v in zip(names, p0)},
+                            "best_patch_row_col": list(pos[best]), "p_best_patch_hidden": {n: round(float(v), 4) for n, v in zip(names, ph[best])},
+                            "gain_max": round(float(gain.max()), 4), "gain_min": round(float(gain.min()), 4)})
+            base = np.clip((x[0] - x[0].min()) / (np.ptp(x[0]) + 1e-6), 0.0, 1.0)
+            g = np.clip(gain / 0.3, -1.0, 1.0)
+            panels.append(np.stack([0.6 * base + 0.4 * np.clip(g, 0, 1), 0.6 * base, 0.6 * base + 0.4 * np.clip(-g, 0, 1)], axis=-1))
+    finally:
+        backend.close()
     return {"model": model.name, "sha256": file_sha256(model), "patch_px": patch, "input_size": list(card.input_size), "cases": records}, panels
 
 

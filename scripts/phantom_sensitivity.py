@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 
 from spinelevel.card import file_sha256, read_card
+from spinelevel.engine.preprocess import PreprocessSpec, preprocess_slice
 from spinelevel.errors import SpineLevelError
 from spinelevel.models import resolve_model
-from spinelevel.engine.preprocess import PreprocessSpec, preprocess_slice
 from spinelevel.phantom import PhantomOptions
 from spinelevel.phantom.anatomy import Anatomy
 from spinelevel.phantom.spec import StudySpec, plan_study
@@ -95,31 +95,32 @@ def variants(spec: StudySpec) -> Iterator[tuple[str, StudySpec, Change]]:
 
 def run(model: Path, studies: int, seed: int, label: str | None = None) -> dict[str, Any]:
     """Calls and mean probabilities per (level, variant) over ``studies`` phantom studies."""
-    import onnxruntime as ort
+    from spinelevel.engine.backends import load_backend
 
     card = read_card(model)
     prep = PreprocessSpec.from_card(card)
     names = list(card.classes)
-    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    iname = sess.get_inputs()[0].name
+    backend = load_backend("onnxruntime", model, card)  # the engine's runtime: probabilities whatever the card's output
     options = PhantomOptions(studies=studies, seed=seed, size=256)
     probs: dict[tuple[str, str], list[np.ndarray]] = {}
-    for i in range(studies):
-        spec = plan_study(options, i)
-        by_name = {v.name: v for v in spec.vertebrae}
-        for level in LEVELS:
-            z = (by_name[level].top_z + by_name[level].bottom_z) / 2.0
-            for name, plan, change in variants(spec):
-                anatomy = Anatomy(plan)
-                if change is not None:
-                    change(anatomy)
-                px = plan.fov / plan.size
-                x = preprocess_slice(anatomy.render(float(z)), prep, (px, px))
-                out = sess.run(None, {iname: x[None]})[0][0]
-                if card.output == "logits":
-                    out = np.exp(out - out.max())
-                    out = out / out.sum()
-                probs.setdefault((level, name), []).append(out)
+    try:
+        for i in range(studies):
+            spec = plan_study(options, i)
+            by_name = {v.name: v for v in spec.vertebrae}
+            for level in LEVELS:
+                z = (by_name[level].top_z + by_name[level].bottom_z) / 2.0
+                keys, inputs = [], []
+                for name, plan, change in variants(spec):
+                    anatomy = Anatomy(plan)
+                    if change is not None:
+                        change(anatomy)
+                    px = plan.fov / plan.size
+                    keys.append((level, name))
+                    inputs.append(preprocess_slice(anatomy.render(float(z)), prep, (px, px)))
+                for key, out in zip(keys, backend.infer(np.stack(inputs))):
+                    probs.setdefault(key, []).append(out)
+    finally:
+        backend.close()
     rows = []
     for (level, name), ps in probs.items():
         p = np.stack(ps)
