@@ -129,6 +129,9 @@ RECIPE = {
         # exploratory, trained after both were judged (results_demo_v10/ship_rule.txt, fourth part): both
         # changes together, v10r192's recipe on the organ-spread sets; not a ship candidate in that round
         {"name": "v10r192o", "input_size": 192, "epochs": 14, "samples_per_epoch": 3000, "max_val_slices": 600, "init": "v5ft/best.safetensors", "init_onnx": "levels_demo_v5ft.onnx", "lr": 3e-4, "data": ["ft_org", "ft16_org"], "preprocess": 2, "fov_mm": 400.0, "augment": "domain", "freeze_bn": True},
+        # Issue 14, tenth round (tests/data/real_ct/results_demo_v11.md): v10r192's recipe at 256 px
+        # (1.56 mm per pixel at the 400 mm field of view, about the phantoms' own pixel size), from v5ft's model.
+        {"name": "v11r256", "input_size": 256, "epochs": 14, "samples_per_epoch": 3000, "max_val_slices": 600, "init": "v5ft/best.safetensors", "init_onnx": "levels_demo_v5ft.onnx", "lr": 3e-4, "data": ["ft", "ft16"], "preprocess": 2, "fov_mm": 400.0, "augment": "domain", "freeze_bn": True},
     ],
 }
 
