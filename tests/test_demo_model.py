@@ -110,6 +110,38 @@ def test_phantom_sensitivity_changes_the_anatomy_and_reports_every_variant(tmp_p
     assert mod.main(["--model", str(tmp_path / "none.onnx")]) == 2
 
 
+def test_phantom_sensitivity_thoracic_levels_get_their_own_changes(tmp_path: Path) -> None:
+    # --levels T11,T12: the lung, rib and posterior-element changes must alter the mid-T11 or mid-T12
+    # slice of some study; the lumbar-only changes are not offered for thoracic levels alone
+    from spinelevel.phantom import Anatomy, PhantomOptions, plan_study
+
+    mod = _script("phantom_sensitivity")
+    levels = ("T11", "T12")
+    specs = [plan_study(PhantomOptions(studies=3, seed=2000, size=256), i) for i in range(3)]
+    names = [name for name, _, _ in mod.variants(specs[0], levels)]
+    thoracic = ["lung bases 30 mm higher", "lung bases 30 mm lower", "no 11th and 12th ribs", "no ribs", "posterior elements of T11, T12 as L1"]
+    assert set(thoracic) <= set(names) and not any(n.startswith(("posterior elements as", "lumbar bodies")) for n in names)
+    assert not set(thoracic) & {name for name, _, _ in mod.variants(specs[0])}  # the default L3,L4 run is unchanged
+    changed = dict.fromkeys(thoracic, False)
+    for spec in specs:
+        zs = [(spec.vertebra(lv).top_z + spec.vertebra(lv).bottom_z) / 2 for lv in levels]
+        base = [Anatomy(spec).render(float(z)) for z in zs]
+        for name, plan, change in mod.variants(spec, levels):
+            if name in changed:
+                a = Anatomy(plan)
+                change(a)
+                changed[name] |= any(np.abs(a.render(float(z)) - b).max() > 50 for z, b in zip(zs, base))
+    assert all(changed.values()), [n for n, c in changed.items() if not c]
+    out = tmp_path / "sensT.json"
+    assert mod.main(["--model", "demo", "--studies", "1", "--levels", "T11,L1", "--out", str(out)]) == 0
+    import json
+
+    rows = {(r["slice"], r["variant"]): r for r in json.loads(out.read_text())["rows"]}
+    assert rows[("mid-T11", "base")]["calls"] == ["T"] and rows[("mid-T11", "base")]["called_right"] == 1  # class T
+    assert ("mid-L1", "posterior elements as L2") in rows and ("mid-T11", "no ribs") in rows
+    assert mod.main(["--model", "demo", "--levels", "T13"]) == 2
+
+
 def test_occlusion_map_finds_the_region_that_decides() -> None:
     # a predictor that says "not L3" while a bright pixel sits at (5, 6): only patches over it raise p(L3)
     mod = _script("occlusion_map")
