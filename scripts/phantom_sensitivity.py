@@ -2,8 +2,9 @@
 
 For each phantom study (``PhantomOptions(studies, seed)``, the held-out seed 2000 by default) the slice through
 the middle of L3 and of L4 (or of the ``--levels`` given) is rendered without noise, once as planned and once
-per change below, and run through the model with the engine's own preprocessing. A change that moves calls although the vertebra is the same says
-the model reads the level off that structure; one that changes the vertebra but no call says it ignores it.
+per change below, and run through the model with the engine's own preprocessing. A change that moves calls
+although the vertebra is the same says the model reads the level off that structure; one that changes the
+vertebra but no call says it ignores it.
 
 Changes: psoas and paraspinal muscles x1.4 / x0.7; subcutaneous fat x1.8 / x0.5; kidneys 15 or 30 mm lower,
 30 mm higher, or absent; the liver's lower edge 40 mm lower; the iliac crest 30 mm higher; the transverse colon at
@@ -40,6 +41,7 @@ from spinelevel.models import resolve_model
 from spinelevel.phantom import PhantomOptions
 from spinelevel.phantom.anatomy import Anatomy
 from spinelevel.phantom.spec import StudySpec, plan_study
+from spinelevel.training.labels import vertebra_class
 
 LEVELS = ("L3", "L4")  # the default --levels
 
@@ -67,11 +69,6 @@ def _posterior_as(number: int, levels: tuple[str, ...] = LEVELS, kind: str | Non
             return draw(cv, vert, t, sx, sy, d)
         a._posterior = patched
     return change
-
-
-def _class_of(level: str) -> str:
-    """The model's class for a vertebra: T for every thoracic one."""
-    return "T" if level.startswith("T") else level
 
 
 def _ribs_up_to(k: int) -> Callable[[Anatomy], None]:
@@ -156,7 +153,7 @@ def run(model: Path, studies: int, seed: int, label: str | None = None, levels: 
     for (level, name), ps in probs.items():
         p = np.stack(ps)
         calls = [names[k] for k in p.argmax(axis=1)]
-        rows.append({"slice": f"mid-{level}", "variant": name, "called_right": sum(c == _class_of(level) for c in calls), "studies": len(calls),
+        rows.append({"slice": f"mid-{level}", "variant": name, "called_right": sum(c == vertebra_class(level) for c in calls), "studies": len(calls),
                      "calls": calls, "mean_p": {c: round(float(p[:, k].mean()), 4) for k, c in enumerate(names)}})
     return {"model": label or model.name, "sha256": file_sha256(model), "seed": seed, "studies": studies, "rows": rows}
 
