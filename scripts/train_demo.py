@@ -132,6 +132,10 @@ RECIPE = {
         # Issue 14, tenth round (tests/data/real_ct/results_demo_v11.md): v10r192's recipe at 256 px
         # (1.56 mm per pixel at the 400 mm field of view, about the phantoms' own pixel size), from v5ft's model.
         {"name": "v11r256", "input_size": 256, "epochs": 14, "samples_per_epoch": 3000, "max_val_slices": 600, "init": "v5ft/best.safetensors", "init_onnx": "levels_demo_v5ft.onnx", "lr": 3e-4, "data": ["ft", "ft16"], "preprocess": 2, "fov_mm": 400.0, "augment": "domain", "freeze_bn": True},
+        # Issue 14, eleventh round (tests/data/real_ct/results_demo_v12.md): v11r256's recipe with resolution
+        # augmentation (--augment domain-coarse: half the slices re-sampled to 1.3-2.6 times coarser pixels
+        # and back), against v11r256's loss on the coarse 3 mm whole-trunk scan.
+        {"name": "v12r256c", "input_size": 256, "epochs": 14, "samples_per_epoch": 3000, "max_val_slices": 600, "init": "v5ft/best.safetensors", "init_onnx": "levels_demo_v5ft.onnx", "lr": 3e-4, "data": ["ft", "ft16"], "preprocess": 2, "fov_mm": 400.0, "augment": "domain-coarse", "freeze_bn": True},
     ],
 }
 

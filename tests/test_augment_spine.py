@@ -104,4 +104,4 @@ def test_cli_unknown_augment_names_the_choices(capsys: pytest.CaptureFixture[str
 
     with pytest.raises(typer.Exit):
         _augment_spec("spine", False)
-    assert "--augment 'spine': choose paper, domain or domain-spine" in capsys.readouterr().err
+    assert "--augment 'spine': choose paper, domain, domain-spine or domain-coarse" in capsys.readouterr().err

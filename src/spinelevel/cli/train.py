@@ -82,7 +82,7 @@ def train(
     mix_in: Annotated[list[Path] | None, typer.Option("--mix-in", help="Inputs (DICOM with --labels, NIfTI cases) mixed into every epoch, e.g. a few labelled real CT series beside phantoms: always trained on, never validated; repeatable.")] = None,
     mix_share: Annotated[float, typer.Option("--mix-share", min=0.01, max=0.99, help="Share of each epoch's slices drawn from --mix-in (drawn again when they are fewer).")] = 0.25,
     no_augment: Annotated[bool, typer.Option("--no-augment", help="Switch augmentation off.")] = False,
-    augment: Annotated[str, typer.Option("--augment", help="paper (rotation, zoom, flips) domain (the paper's plus field-of-view crops, HU scale/shift, blur/sharpen and noise: for phantoms towards real CT) or domain-spine (domain plus spine-centred cut-outs in a quarter of the slices, as spine CT is often shared).")] = "paper",
+    augment: Annotated[str, typer.Option("--augment", help="paper (rotation, zoom, flips) domain (the paper's plus field-of-view crops, HU scale/shift, blur/sharpen and noise: for phantoms towards real CT) domain-spine (domain plus spine-centred cut-outs in a quarter of the slices, as spine CT is often shared) or domain-coarse (domain plus resolution augmentation in half the slices: re-sampled to 1.3-2.6 times coarser pixels and back, as 3-5 mm body CT looks enlarged).")] = "paper",
     freeze_bn: Annotated[bool, typer.Option("--freeze-bn", help="Keep BatchNorm statistics fixed while training (always on when --pretrained is an .onnx).")] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="PyTorch CPU threads (default: all cores).")] = None,
@@ -142,11 +142,11 @@ def train(
 
 def _augment_spec(name: str, off: bool):  # noqa: ANN202 - AugmentSpec
     from spinelevel.errors import InputError
-    from spinelevel.training.augment import DOMAIN_RANDOMISATION, DOMAIN_SPINE, AugmentSpec
+    from spinelevel.training.augment import DOMAIN_COARSE, DOMAIN_RANDOMISATION, DOMAIN_SPINE, AugmentSpec
 
-    specs = {"paper": AugmentSpec(), "domain": DOMAIN_RANDOMISATION, "domain-spine": DOMAIN_SPINE}
+    specs = {"paper": AugmentSpec(), "domain": DOMAIN_RANDOMISATION, "domain-spine": DOMAIN_SPINE, "domain-coarse": DOMAIN_COARSE}
     if name not in specs:
         with fail_cleanly():
-            raise InputError(f"--augment {name!r}: choose paper, domain or domain-spine")
+            raise InputError(f"--augment {name!r}: choose paper, domain, domain-spine or domain-coarse")
     spec = specs[name]
     return AugmentSpec(enabled=False) if off else spec

@@ -2,7 +2,9 @@
 and, for training on phantoms towards real CT, domain randomisation (off by default): random crops
 of the field of view (to non-square slices, as real reconstructions are), HU scale and shift, blur
 or sharpening (reconstruction kernels) and extra noise; and, in ``domain-spine``, spine-centred
-cut-outs as spine CT is often reconstructed or shared (VerSe: about 105 x 190 mm around the spine).
+cut-outs as spine CT is often reconstructed or shared (VerSe: about 105 x 190 mm around the spine);
+and, in ``domain-coarse``, resolution augmentation: the slice re-sampled to coarser pixels and back,
+as a 3-5 mm reconstruction looks once the engine enlarges it to the model's input.
 
 Augmentation is applied to the **HU image**, before the engine's own preprocessing
 (:func:`spinelevel.engine.preprocess.preprocess_slice`), so the windowing, resize and normalisation
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["AugmentSpec", "AugmentParams", "DOMAIN_RANDOMISATION", "DOMAIN_SPINE", "draw_params", "augment_hu", "spine_centre"]
+__all__ = ["AugmentSpec", "AugmentParams", "DOMAIN_RANDOMISATION", "DOMAIN_SPINE", "DOMAIN_COARSE", "draw_params", "augment_hu", "spine_centre", "coarsen"]
 
 _AIR_HU = -1000.0
 
@@ -59,6 +61,11 @@ class AugmentSpec:
     spine_width: tuple[float, float] = (0.2, 0.5)
     spine_height: tuple[float, float] = (0.25, 0.6)
     spine_jitter: float = 0.15
+    # Probability of resolution augmentation: the slice is re-sampled to pixels a factor uniform in
+    # coarse_factor larger than its own (low-passed as preprocessing 3 does before a reduction,
+    # reduced bilinearly) and enlarged bilinearly back to its own matrix, so its PixelSpacing stays true.
+    coarse: float = 0.0
+    coarse_factor: tuple[float, float] = (1.3, 2.6)
     # False switches augmentation off (validation, export parity, tests).
     enabled: bool = True
 
@@ -89,6 +96,8 @@ class AugmentParams:
     # Spine-centred cut-out: (height share, width share, row offset, column offset), the offsets as
     # shares of the box; None: none.
     spine_box: tuple[float, float, float, float] | None = None
+    # Resolution augmentation: the coarser pixel size as a factor of the slice's own (1: none).
+    coarse_factor: float = 1.0
 
 
 def draw_params(spec: AugmentSpec, rng: np.random.Generator) -> AugmentParams:
@@ -121,6 +130,9 @@ def draw_params(spec: AugmentSpec, rng: np.random.Generator) -> AugmentParams:
         j = spec.spine_jitter
         base["spine_box"] = (float(rng.uniform(*spec.spine_height)), float(rng.uniform(*spec.spine_width)),
                              float(rng.uniform(-j, j)), float(rng.uniform(-j, j)))
+    # drawn after everything else, so that a spec without it draws what it always did
+    if spec.coarse > 0 and rng.random() < spec.coarse:
+        base["coarse_factor"] = float(rng.uniform(*spec.coarse_factor))
     return AugmentParams(**base)
 
 
@@ -192,9 +204,31 @@ def augment_hu(hu: np.ndarray, params: AugmentParams) -> np.ndarray:
 
         smooth = gaussian_filter(out, params.blur_sigma, mode="nearest")
         out = (2.0 * out - smooth) if params.sharpen else smooth
+    if params.coarse_factor > 1.0:
+        # before the noise: a coarse reconstruction is coarse in its structures, while the
+        # phantom's own noise and the extra noise stand for the scanner's at the new pixel size
+        out = coarsen(out, params.coarse_factor)
     if params.noise_hu > 0:
         out += np.random.default_rng(params.noise_seed).normal(0.0, params.noise_hu, out.shape).astype(np.float32)
     return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def coarsen(hu: np.ndarray, factor: float) -> np.ndarray:
+    """``hu`` as it looks reconstructed with pixels ``factor`` times larger and enlarged back to its
+    own (H, W) matrix: the engine's antialiasing low-pass and bilinear resize down, bilinear up.
+
+    The reduction is the one a real coarse reconstruction goes through in the engine (preprocessing
+    resizes a 3 mm, 122 x 101 slice bilinearly to the model's input); the way back keeps the matrix,
+    so the slice's PixelSpacing stays true for preprocessing 2's field of view.
+    """
+    from spinelevel.engine.preprocess import antialias_sigmas, gaussian_blur, resize_bilinear
+
+    h, w = hu.shape
+    small = (max(2, int(round(h / factor))), max(2, int(round(w / factor))))
+    if small == (h, w):
+        return np.asarray(hu, dtype=np.float32)
+    low = gaussian_blur(np.asarray(hu, dtype=np.float32), antialias_sigmas(h, w, small))
+    return np.ascontiguousarray(resize_bilinear(resize_bilinear(low, small), (h, w)), dtype=np.float32)
 
 
 def _affine(hu: np.ndarray, rotation_deg: float, zoom: float) -> np.ndarray:
@@ -238,4 +272,14 @@ DOMAIN_SPINE = AugmentSpec(
     rotation_deg=10.0, zoom=0.25, vflip=0.5, hflip=0.5,
     crop=0.5, crop_min=0.55, hu_scale=0.05, hu_shift=30.0, blur_sigma=1.2, sharpen=0.3, noise_hu=20.0,
     spine_crop=0.25,
+)
+
+# Domain randomisation plus resolution augmentation in half the slices (spinelevel train --augment
+# domain-coarse): the phantoms are drawn at 1.2-2.0 mm per pixel, real body CT is often reconstructed
+# at 3 mm or more and enlarged by the engine, and a 256 px model read such a scan worse than a 128 px
+# one (tests/data/real_ct/results_demo_v11.md).
+DOMAIN_COARSE = AugmentSpec(
+    rotation_deg=10.0, zoom=0.25, vflip=0.5, hflip=0.5,
+    crop=0.5, crop_min=0.55, hu_scale=0.05, hu_shift=30.0, blur_sigma=1.2, sharpen=0.3, noise_hu=20.0,
+    coarse=0.5,
 )
