@@ -129,3 +129,17 @@ def test_model_ab_measures_both_models_on_one_archive(tmp_path: Path, model_path
         assert result["end_to_end_wall_s"][key]["best"] > 0
         assert result["models"][key]["input_size"] == [32, 32]
     assert result["ratio_inference_time_b_over_a"] > 0 and result["archive"]["labelled_slices"] > 0
+
+
+def test_model_ab_best_is_the_highest_rate_and_the_shortest_time() -> None:
+    """A rate's best is its maximum, a time's its minimum (the 256 px JSON of round 10 gave the
+    slowest rate as "best" while ms-per-slice-best took the fastest)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("model_ab", Path(__file__).parents[1] / "benchmarks" / "model_ab.py")
+    assert spec is not None and spec.loader is not None
+    model_ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model_ab)
+    assert model_ab._summary([259.4, 221.0, 240.0], higher_is_better=True)["best"] == 259.4
+    assert model_ab._summary([4.6, 6.3, 5.0], higher_is_better=False)["best"] == 4.6
+    assert model_ab._summary([4.6, 6.3, 5.0], higher_is_better=False)["median"] == 5.0
