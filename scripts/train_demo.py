@@ -136,6 +136,8 @@ RECIPE = {
         # augmentation (--augment domain-coarse: half the slices re-sampled to 1.3-2.6 times coarser pixels
         # and back), against v11r256's loss on the coarse 3 mm whole-trunk scan.
         {"name": "v12r256c", "input_size": 256, "epochs": 14, "samples_per_epoch": 3000, "max_val_slices": 600, "init": "v5ft/best.safetensors", "init_onnx": "levels_demo_v5ft.onnx", "lr": 3e-4, "data": ["ft", "ft16"], "preprocess": 2, "fov_mm": 400.0, "augment": "domain-coarse", "freeze_bn": True},
+        # the same at 192 px (v10r192's recipe with --augment domain-coarse; rule results_demo_v12/ship_rule.txt)
+        {"name": "v12r192c", "input_size": 192, "epochs": 14, "samples_per_epoch": 3000, "max_val_slices": 600, "init": "v5ft/best.safetensors", "init_onnx": "levels_demo_v5ft.onnx", "lr": 3e-4, "data": ["ft", "ft16"], "preprocess": 2, "fov_mm": 400.0, "augment": "domain-coarse", "freeze_bn": True},
     ],
 }
 
