@@ -330,8 +330,9 @@ chest-abdomen-pelvis CT from Debian's CamiTK test data) and `lungdx_chest` (a ch
 wheel), found in that round, guided nothing: they were evaluated after the shipped model was fixed.
 All seven judged a 192 px fine-tune and its 128 px control in issue 14's eighth round (not shipped:
 results_demo_v9.md), and the full 192 px fine-tune and a fine-tune on phantoms with the organs spread
-wider on the spine in the ninth (not shipped: results_demo_v10.md), and a 256 px fine-tune in the tenth
-(not shipped: results_demo_v11.md). Expect less on unseen real CT.
+wider on the spine in the ninth (not shipped: results_demo_v10.md), a 256 px fine-tune in the tenth
+(not shipped: results_demo_v11.md), and 192 and 256 px fine-tunes with resolution augmentation in the
+eleventh (not shipped: results_demo_v12.md). Expect less on unseen real CT.
 
 The numbers here are with the engine's default decoding, which keeps plausible level extents
 (every L1-L5 run 20-55 mm, `spinelevel run --level-extents`; issue 14's fourth round). The extent
