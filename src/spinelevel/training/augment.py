@@ -277,7 +277,8 @@ DOMAIN_SPINE = AugmentSpec(
 # Domain randomisation plus resolution augmentation in half the slices (spinelevel train --augment
 # domain-coarse): the phantoms are drawn at 1.2-2.0 mm per pixel, real body CT is often reconstructed
 # at 3 mm or more and enlarged by the engine, and a 256 px model read such a scan worse than a 128 px
-# one (tests/data/real_ct/results_demo_v11.md).
+# one (tests/data/real_ct/results_demo_v11.md). Measured in issue 14's eleventh round: it did not
+# close that gap; the whole-trunk real scans read worse with it at 192 and 256 px (results_demo_v12.md).
 DOMAIN_COARSE = AugmentSpec(
     rotation_deg=10.0, zoom=0.25, vflip=0.5, hflip=0.5,
     crop=0.5, crop_min=0.55, hu_scale=0.05, hu_shift=30.0, blur_sigma=1.2, sharpen=0.3, noise_hu=20.0,
